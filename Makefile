@@ -1,0 +1,39 @@
+# anomaly_zoo: `make test` and `make book` work on a machine with nothing but Python >= 3.10.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# pytest workers (2 cores in CI); each worker uses one torch thread (tests/conftest.py)
+JOBS   ?= 2
+
+.PHONY: install test test-fast book book-full bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,book]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --durations=15 -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) -q -m "not slow"
+
+book: $(STAMP)
+	AZOO_QUICK=1 $(BIN)/jupyter-book build book/
+
+book-full: $(STAMP)
+	AZOO_QUICK=0 $(BIN)/jupyter-book build book/
+
+bench: $(STAMP)
+	$(BIN)/python -m anomaly_zoo bench --dataset textures --category brick --models padim,ae --quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check anomaly_zoo tests
+
+clean:
+	rm -rf $(VENV) book/_build

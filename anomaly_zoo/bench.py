@@ -1,0 +1,78 @@
+"""The leaderboard runner: methods x datasets -> one DataFrame.
+
+    from anomaly_zoo import bench
+    df = bench.run(["padim", "ae"], dataset="textures", categories=["brick"], quick=True)
+
+Each row: the metrics of ``az.metrics.evaluate`` plus the fit time (seconds) and
+the prediction throughput (test images per second) on the device used.
+A benchmark is a script or CLI run (``python -m anomaly_zoo bench``), not a test.
+"""
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+
+from . import data as azdata
+from . import metrics
+from .registry import create, get_card
+from .utils import resolve_device, set_seed
+
+COLUMNS = ["model", "dataset", "category", "image_auroc", "pixel_auroc", "aupro", "image_ap", "image_f1_max",
+           "fit_s", "predict_ips", "device"]
+
+
+def run_one(name: str, ds, *, quick: bool = True, device: str = "auto", seed: int = 0, **kwargs) -> dict:
+    """Fit ``name`` on ``ds.train_images``, predict ``ds.test_images``; metrics and timings as a dict."""
+    dev = resolve_device(device)
+    set_seed(seed)
+    det = create(name, preset="quick" if quick else "default", device=str(dev), seed=seed, **kwargs)
+    t0 = time.perf_counter()
+    det.fit(ds.train_images)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred = det.predict(ds.test_images)
+    pred_s = time.perf_counter() - t0
+    row = {"model": name, "dataset": ds.name, "category": ds.category, "fit_s": fit_s,
+           "predict_ips": len(ds.test_images) / max(pred_s, 1e-9), "device": dev.type}
+    row.update(metrics.evaluate(pred, ds.test_labels, ds.test_masks))
+    return row
+
+
+def run(models, dataset: str = "textures", categories=None, *, quick: bool = True, device: str = "auto",
+        seed: int = 0, root=None, progress: bool = True) -> pd.DataFrame:
+    """Benchmark every model on every category of ``dataset``; returns a DataFrame (one row each)."""
+    from tqdm.auto import tqdm
+
+    models = [models] if isinstance(models, str) else list(models)
+    for m in models:
+        get_card(m)  # unknown names fail before any work
+    categories = [categories] if isinstance(categories, str) else (categories or azdata.categories(dataset))
+    rows = []
+    jobs = [(c, m) for c in categories for m in models]
+    for cat, name in tqdm(jobs, desc="bench", disable=not progress):
+        ds = azdata.load(dataset, **_category_kw(dataset, cat), quick=quick, seed=seed, root=root)
+        rows.append(run_one(name, ds, quick=quick, device=device, seed=seed))
+    df = pd.DataFrame(rows)
+    return df[[c for c in COLUMNS if c in df.columns]]
+
+
+def _category_kw(dataset: str, category) -> dict:
+    if dataset == "digits":
+        k = str(category).removeprefix("class_")
+        return {"normal_class": int(k)}
+    return {"category": category}
+
+
+def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub-markdown table (no extra dependency: pandas' own to_markdown needs tabulate)."""
+    cols = list(df.columns)
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "-" if v != v else f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)

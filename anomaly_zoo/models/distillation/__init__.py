@@ -1,0 +1,1 @@
+"""distillation family (methods land here, one file each)."""

@@ -1,0 +1,2 @@
+"""Deep feature modeling: anomaly = distance to normal features of a pretrained CNN."""
+from . import padim  # noqa: F401

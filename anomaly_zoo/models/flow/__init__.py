@@ -1,0 +1,1 @@
+"""flow family (methods land here, one file each)."""

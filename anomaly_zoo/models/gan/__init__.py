@@ -1,0 +1,1 @@
+"""gan family (methods land here, one file each)."""

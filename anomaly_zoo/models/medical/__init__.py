@@ -1,0 +1,1 @@
+"""medical family (methods land here, one file each)."""

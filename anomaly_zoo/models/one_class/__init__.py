@@ -1,0 +1,1 @@
+"""one_class family (methods land here, one file each)."""

@@ -1,0 +1,134 @@
+"""Convolutional auto-encoder with an L2 or SSIM loss (Bergmann et al., VISAPP 2019).
+
+An auto-encoder trained on normal images only learns to reconstruct normal
+appearance through a narrow bottleneck; where a test image cannot be
+reconstructed, the residual is large (the survey's reconstruction family).
+
+* Network (Bergmann et al. 2019, Table 1): strided 4x4 / 3x3 convolutions with
+  LeakyReLU(0.2) down to an ``image_size/16`` grid, a last convolution to a
+  ``latent_dim`` vector (100 in the paper), and the mirrored decoder with
+  transposed convolutions; a sigmoid keeps the output in [0, 1].
+* Loss: ``loss="l2"``: the per-pixel squared error ||x - D(E(x))||^2 (their eq. 1);
+  ``loss="ssim"``: 1 - SSIM(x, D(E(x))) averaged over pixels (their eq. 2-5,
+  the library's one SSIM in ``anomaly_zoo.ssim``).
+* Residual map: for L2 the squared error, for SSIM the per-pixel 1 - SSIM,
+  averaged over colour channels. Image score: the mean of the map (the
+  reconstruction error, ``image_score="mean"``) or its maximum after Gaussian
+  smoothing (``"max"``).
+
+The quick preset shortens training and uses 64 px images; the method is the same.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...base import Detector
+from ...ops import gaussian_blur
+from ...registry import register
+from ...ssim import ssim_map
+from ...training import fit_loop
+from ...utils import AnomalyZooError
+
+LOSSES = ("l2", "ssim")
+
+
+def _block(cin, cout, k, s, transpose=False):
+    conv = nn.ConvTranspose2d if transpose else nn.Conv2d
+    p = 1 if k == 4 else k // 2
+    return nn.Sequential(conv(cin, cout, k, s, p), nn.LeakyReLU(0.2, inplace=True))
+
+
+class ConvAutoEncoder(nn.Module):
+    """Bergmann et al.'s encoder/decoder; ``width`` scales the channel counts (32 in the paper)."""
+
+    def __init__(self, image_size: int = 128, latent_dim: int = 100, width: int = 32, channels: int = 3):
+        super().__init__()
+        if image_size % 16:
+            raise AnomalyZooError(f"image_size must be a multiple of 16, got {image_size}")
+        w, g = width, image_size // 16
+        self.encoder = nn.Sequential(
+            _block(channels, w, 4, 2), _block(w, w, 4, 2), _block(w, w, 3, 1),
+            _block(w, 2 * w, 4, 2), _block(2 * w, 2 * w, 3, 1), _block(2 * w, 4 * w, 4, 2),
+            _block(4 * w, 2 * w, 3, 1), _block(2 * w, w, 3, 1),
+            nn.Conv2d(w, latent_dim, g),  # the bottleneck: one latent_dim vector per image
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(latent_dim, w, g), nn.LeakyReLU(0.2, inplace=True),
+            _block(w, 2 * w, 3, 1), _block(2 * w, 4 * w, 3, 1), _block(4 * w, 2 * w, 4, 2, True),
+            _block(2 * w, 2 * w, 3, 1), _block(2 * w, w, 4, 2, True), _block(w, w, 3, 1),
+            _block(w, w, 4, 2, True),
+            nn.ConvTranspose2d(w, channels, 4, 2, 1), nn.Sigmoid(),
+        )
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+def residual_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-pixel reconstruction residual ``[B, H, W]``: squared error or 1 - SSIM, channel mean."""
+    if kind == "l2":
+        return (x - x_hat).pow(2).mean(1)
+    if kind == "ssim":
+        return (1 - ssim_map(x, x_hat)).mean(1)
+    raise AnomalyZooError(f"unknown residual {kind!r}; use one of {', '.join(LOSSES)}")
+
+
+@register("ae", family="reconstruction", paper="Improving Unsupervised Defect Segmentation by Applying "
+          "Structural Similarity to Autoencoders", year=2019, bibkey="bergmann2019ssim", localizes=True,
+          trains=True, quick=dict(image_size=64, epochs=40))
+class AutoEncoder(Detector):
+    """Convolutional auto-encoder (L2 or SSIM loss); residual map."""
+
+    def __init__(self, loss: str = "l2", latent_dim: int = 100, width: int = 32, image_size: int | None = 128,
+                 epochs: int = 200, batch_size: int = 16, lr: float = 2e-4, weight_decay: float = 1e-5,
+                 image_score: str = "mean", sigma: float = 4.0, checkpoint: str | None = None,
+                 device: str = "auto", seed: int = 0):
+        super().__init__()
+        self.loss = loss
+        self.latent_dim = latent_dim
+        self.width = width
+        self.image_size = image_size
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.image_score = image_score
+        self.sigma = sigma
+        self.checkpoint = checkpoint
+        self.device = device
+        self.seed = seed
+
+    def _build(self, meta: dict) -> None:
+        self.net_ = ConvAutoEncoder(meta["input_hw"][0], self.latent_dim, self.width)
+
+    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        x_hat = self.net_(x)
+        if self.loss == "l2":
+            return F.mse_loss(x_hat, x)
+        return 1 - ssim_map(x, x_hat).mean()
+
+    def _fit(self, x: torch.Tensor) -> None:
+        if self.loss not in LOSSES:
+            raise AnomalyZooError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
+        if self.image_score not in ("mean", "max"):
+            raise AnomalyZooError(f"image_score must be 'mean' or 'max', got {self.image_score!r}")
+        if x.shape[-1] != x.shape[-2]:
+            raise AnomalyZooError(f"the auto-encoder needs square images, got {tuple(x.shape[-2:])}")
+        self._build(self.meta_)
+        self.meta_["history"] = fit_loop(self.net_, self._loss, x, epochs=self.epochs, batch_size=self.batch_size,
+                                         lr=self.lr, weight_decay=self.weight_decay, device=self.device_,
+                                         seed=self.seed, desc=f"ae[{self.loss}]", checkpoint=self.checkpoint)
+
+    def reconstruct(self, images) -> torch.Tensor:
+        """D(E(x)) at the detector's image size, on CPU (for figures)."""
+        x = self._prepare(images, "images").to(self.device_)
+        with torch.no_grad():
+            return self.net_(x).cpu()
+
+    def _score(self, x: torch.Tensor):
+        maps = residual_map(x, self.net_(x), self.loss)
+        if self.image_score == "mean":
+            return maps.flatten(1).mean(1), maps
+        return gaussian_blur(maps, self.sigma).flatten(1).amax(1), maps

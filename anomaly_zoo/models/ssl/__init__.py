@@ -1,0 +1,1 @@
+"""ssl family (methods land here, one file each)."""

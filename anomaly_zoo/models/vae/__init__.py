@@ -1,0 +1,1 @@
+"""vae family (methods land here, one file each)."""

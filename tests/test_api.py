@@ -1,0 +1,135 @@
+"""The Detector API of DESIGN.md: registry, inputs, errors, save/load, seeding, the training loop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import anomaly_zoo as az
+from anomaly_zoo.utils import AnomalyZooError, NotFittedError, check_images
+
+
+# ------------------------------------------------------------------ registry
+def test_list_models_cards_and_frame():
+    cards = az.list_models()
+    names = [c.name for c in cards]
+    assert {"padim", "ae"} <= set(names)
+    for c in cards:
+        assert c.family in az.FAMILIES and c.year > 1990 and c.bibkey and c.paper
+        assert isinstance(c.quick, dict)
+    df = az.list_models(as_frame=True)
+    assert list(df.index) == names and {"family", "year", "localizes", "trains"} <= set(df.columns)
+    assert [c.name for c in az.list_models(family="feature")] == [c.name for c in cards if c.family == "feature"]
+
+
+def test_create_presets_and_overrides():
+    det = az.create("padim")
+    assert det.image_size == 256 and det.pretrained is True and det.backbone == "efficientnet_lite0"
+    assert az.create("padim", preset="quick").image_size == 128
+    assert az.create("padim", preset="quick", image_size=96).image_size == 96
+    assert az.create("padim", pretrained=False).pretrained is False
+    assert "image_size=96" in repr(az.create("padim", image_size=96))
+
+
+def test_create_errors_name_the_problem():
+    with pytest.raises(AnomalyZooError, match="unknown model 'padin'.*Did you mean padim.*Known models"):
+        az.create("padin")
+    with pytest.raises(AnomalyZooError, match="unknown preset"):
+        az.create("padim", preset="fast")
+    with pytest.raises(AnomalyZooError, match="padim has no parameter bogus"):
+        az.create("padim", bogus=1)
+    with pytest.raises(AnomalyZooError, match="unknown family"):
+        az.list_models(family="nope")
+
+
+def test_init_stores_params_only():
+    det = az.create("ae", loss="ssim", device="cuda-does-not-matter-yet")
+    assert det.get_params()["loss"] == "ssim"
+    assert not det.is_fitted and not hasattr(det, "device_")  # device resolved in fit, never in __init__
+
+
+# --------------------------------------------------------------- input checks
+@pytest.mark.parametrize("bad, message", [
+    (torch.rand(3, 32, 32), "expected 4 dimensions"),
+    (torch.rand(2, 4, 32, 32), "expected 3 channels"),
+    (torch.rand(2, 3, 32, 32) * 255, r"values must lie in \[0, 1\].*divide 8-bit images by 255"),
+    (torch.full((2, 3, 32, 32), float("nan")), "NaN"),
+    (torch.rand(0, 3, 32, 32), "empty"),
+    ([[0.5]], "expected a torch.Tensor or numpy array"),
+])
+def test_bad_inputs_raise_one_clear_error(bad, message):
+    with pytest.raises(AnomalyZooError, match=message):
+        az.create("padim", preset="quick").fit(bad)
+
+
+def test_numpy_and_grayscale_accepted():
+    x = np.random.default_rng(0).random((2, 1, 16, 16)).astype(np.float64)
+    t = check_images(x)
+    assert t.dtype == torch.float32 and t.shape == (2, 3, 16, 16)
+    assert torch.equal(t[:, 0], t[:, 2])
+
+
+def test_predict_before_fit_and_save_before_fit(tmp_path):
+    det = az.create("padim", preset="quick")
+    with pytest.raises(NotFittedError, match="not fitted yet: call .fit"):
+        det.predict(torch.rand(1, 3, 32, 32))
+    with pytest.raises(NotFittedError):
+        det.save(tmp_path / "x.pt")
+
+
+def test_test_size_mismatch(tiny):
+    train, _ = tiny
+    det = az.create("padim", preset="quick", image_size=None, pretrained=False).fit(train)
+    with pytest.raises(AnomalyZooError, match="fitted on"):
+        det.predict(torch.rand(1, 3, 48, 48))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(AnomalyZooError, match="no saved detector"):
+        az.load(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(AnomalyZooError, match="not a detector saved by anomaly_zoo"):
+        az.load(tmp_path / "junk.pt")
+
+
+def test_resolve_device():
+    assert az.resolve_device("cpu").type == "cpu"
+    assert az.resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    if not torch.cuda.is_available():
+        with pytest.raises(AnomalyZooError, match="no CUDA GPU"):
+            az.resolve_device("cuda")
+    with pytest.raises(AnomalyZooError, match="unknown device"):
+        az.resolve_device("tpu9")
+
+
+# ------------------------------------------------------------ training loop
+def test_fit_loop_learns_repeats_and_checkpoints(tmp_path):
+    from anomaly_zoo.training import fit_loop
+
+    def run(checkpoint=None):
+        az.set_seed(0)
+        net = torch.nn.Linear(4, 1)
+        x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+        y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+        hist = fit_loop(net, lambda b: torch.nn.functional.mse_loss(net(b[0]), b[1]), (x, y), epochs=30,
+                        batch_size=16, lr=0.05, seed=0, checkpoint=checkpoint, progress=False)
+        return net, hist
+
+    net1, h1 = run()
+    net2, h2 = run()
+    assert h1 == h2 and torch.equal(net1.weight, net2.weight)  # one seed -> identical run
+    assert h1[-1] < 0.01 * h1[0]  # it learns
+    ck = tmp_path / "ck.pt"
+    net3, h3 = run(ck)
+    assert ck.is_file()
+    net4, h4 = run(ck)  # loads instead of training
+    assert h4 == h3 and torch.equal(net3.weight, net4.weight)
+
+
+def test_fit_loop_reports_divergence():
+    from anomaly_zoo.training import fit_loop
+
+    net = torch.nn.Linear(2, 1)
+    with pytest.raises(AnomalyZooError, match="lower the learning rate"):
+        fit_loop(net, lambda b: net(b).sum() * float("inf"), torch.ones(4, 2), epochs=1, batch_size=2, lr=1.0,
+                 progress=False)
