@@ -145,9 +145,8 @@ def plot_pro_curve(maps, masks, fpr_limit: float = 0.3, ax=None, label: str | No
     """The per-region-overlap curve up to ``fpr_limit``, with its normalised area in the legend."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 3))
-    score, (fpr, pro) = metrics.aupro(maps, masks, fpr_limit=fpr_limit, return_curve=True)
-    keep = fpr <= fpr_limit
-    ax.plot(fpr[keep], pro[keep], label=f"{label + ' ' if label else ''}AUPRO {score:.3f}")
+    score, fpr, pro = metrics.aupro(maps, masks, fpr_limit=fpr_limit, return_curve=True)
+    ax.plot(fpr, pro, label=f"{label + ' ' if label else ''}AUPRO {score:.3f}")
     ax.set(xlabel="false positive rate (normal pixels)", ylabel="per-region overlap", xlim=(0, fpr_limit),
            ylim=(0, 1.02), title="PRO curve")
     ax.legend(fontsize=8)
