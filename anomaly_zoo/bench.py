@@ -47,7 +47,7 @@ def run(models, dataset: str = "textures", categories=None, *, quick: bool = Tru
     models = [models] if isinstance(models, str) else list(models)
     for m in models:
         get_card(m)  # unknown names fail before any work
-    categories = [categories] if isinstance(categories, str) else (categories or azdata.categories(dataset))
+    categories = [categories] if isinstance(categories, str) else (categories or azdata.list_categories(dataset))
     rows = []
     jobs = [(c, m) for c in categories for m in models]
     for cat, name in tqdm(jobs, desc="bench", disable=not progress):

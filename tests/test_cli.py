@@ -45,3 +45,12 @@ def test_bench_markdown_and_csv(tmp_path):
     df = pd.read_csv(out)
     assert df.loc[0, "model"] == "padim" and df.loc[0, "image_auroc"] > 0.9
     assert df.loc[0, "fit_s"] > 0 and df.loc[0, "predict_ips"] > 0
+
+
+def test_data_make_writes_mvtec_layout(tmp_path, capsys):
+    assert main(["data", "make", "phantom", "--root", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed and all((tmp_path / "phantom").exists() for _ in printed)
+    folder = next((tmp_path / "phantom").iterdir())
+    assert (folder / "train" / "good").is_dir() and (folder / "ground_truth").is_dir()
+    assert (folder / "manifest.json").is_file()
