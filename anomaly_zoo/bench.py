@@ -3,12 +3,15 @@
     from anomaly_zoo import bench
     df = bench.run(["padim", "ae"], dataset="textures", categories=["brick"], quick=True)
 
-Each row: the metrics of ``az.metrics.evaluate`` plus the fit time (seconds) and
-the prediction throughput (test images per second) on the device used.
+Each row: the metrics of ``az.metrics.evaluate`` plus the fit time (seconds), the
+prediction throughput (test images per second) on the device used, and the peak
+resident memory of the process so far (run one model per process for a clean number).
 A benchmark is a script or CLI run (``python -m anomaly_zoo bench``), not a test.
 """
 from __future__ import annotations
 
+import resource
+import sys
 import time
 
 import pandas as pd
@@ -16,10 +19,16 @@ import pandas as pd
 from . import data as azdata
 from . import metrics
 from .registry import create, get_card
-from .utils import resolve_device, set_seed
+from .utils import AnomalyZooError, resolve_device, set_seed
 
 COLUMNS = ["model", "dataset", "category", "image_auroc", "pixel_auroc", "aupro", "image_ap", "image_f1_max",
-           "fit_s", "predict_ips", "device"]
+           "fit_s", "predict_ips", "peak_rss_mb", "device"]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB); Linux reports KiB, macOS bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def run_one(name: str, ds, *, quick: bool = True, device: str = "auto", seed: int = 0, **kwargs) -> dict:
@@ -34,7 +43,8 @@ def run_one(name: str, ds, *, quick: bool = True, device: str = "auto", seed: in
     pred = det.predict(ds.test_images)
     pred_s = time.perf_counter() - t0
     row = {"model": name, "dataset": ds.name, "category": ds.category, "fit_s": fit_s,
-           "predict_ips": len(ds.test_images) / max(pred_s, 1e-9), "device": dev.type}
+           "predict_ips": len(ds.test_images) / max(pred_s, 1e-9), "peak_rss_mb": peak_rss_mb(),
+           "device": dev.type}
     row.update(metrics.evaluate(pred, ds.test_labels, ds.test_masks))
     return row
 
@@ -47,21 +57,27 @@ def run(models, dataset: str = "textures", categories=None, *, quick: bool = Tru
     models = [models] if isinstance(models, str) else list(models)
     for m in models:
         get_card(m)  # unknown names fail before any work
-    categories = [categories] if isinstance(categories, str) else (categories or azdata.list_categories(dataset))
+    if isinstance(categories, str):
+        categories = [categories]
+    if not categories:
+        categories = azdata.list_categories(dataset, root=root)
+        if not categories:
+            raise AnomalyZooError(f"no categories of {dataset!r} found" + (f" under {root}" if root else "")
+                                  + ("; pass root= (the folder holding the MVTec categories)" if dataset == "mvtec" else ""))
     rows = []
     jobs = [(c, m) for c in categories for m in models]
     for cat, name in tqdm(jobs, desc="bench", disable=not progress):
-        ds = azdata.load(dataset, **_category_kw(dataset, cat), quick=quick, seed=seed, root=root)
+        ds = azdata.load(dataset, **_load_kw(dataset, cat, quick, seed, root))
         rows.append(run_one(name, ds, quick=quick, device=device, seed=seed))
     df = pd.DataFrame(rows)
     return df[[c for c in COLUMNS if c in df.columns]]
 
 
-def _category_kw(dataset: str, category) -> dict:
-    if dataset == "digits":
-        k = str(category).removeprefix("class_")
-        return {"normal_class": int(k)}
-    return {"category": category}
+def _load_kw(dataset: str, category, quick: bool, seed: int, root) -> dict:
+    """``az.data.load`` arguments for one category (MVTec folders are read, not generated)."""
+    if dataset == "mvtec":
+        return {"category": category, "root": root}
+    return {"category": category, "quick": quick, "seed": seed, "root": root}
 
 
 def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:

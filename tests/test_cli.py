@@ -54,3 +54,11 @@ def test_data_make_writes_mvtec_layout(tmp_path, capsys):
     folder = next((tmp_path / "phantom").iterdir())
     assert (folder / "train" / "good").is_dir() and (folder / "ground_truth").is_dir()
     assert (folder / "manifest.json").is_file()
+
+
+def test_bench_missing_mvtec_folder(tmp_path, capsys):
+    assert main(["bench", "--dataset", "mvtec", "--models", "padim", "--root", str(tmp_path / "nope")]) == 2
+    assert "no categories of 'mvtec' found" in capsys.readouterr().err
+    assert main(["bench", "--dataset", "mvtec", "--category", "bottle", "--models", "padim",
+                 "--root", str(tmp_path)]) == 2
+    assert "MVTec category 'bottle' not found" in capsys.readouterr().err
