@@ -77,7 +77,7 @@ def setup(quick=None, seed: int = 0, device: str = "auto", data_dir: str | None 
     _current = Settings(quick=q, seed=int(seed), device=dev, data_dir=None if data_dir in (None, "") else str(data_dir),
                         why=why)
     if verbose:
-        print(f"mode: {_current.mode} ({why}) | device: {dev.type} | seed: {_current.seed} | "
+        print(f"{_current.mode} mode ({why}) on {dev.type}, seed {_current.seed}\n"
               f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
     return _current
 

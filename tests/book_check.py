@@ -246,6 +246,7 @@ def jupyter_book_cmd() -> list[str]:
 
 
 WARNING = re.compile(r"(WARNING|ERROR|CRITICAL)[:\]]")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def build_book(src: Path, out: Path, env: dict[str, str] | None = None, timeout: int = 900) -> tuple[Path, list[str], str]:
@@ -254,12 +255,18 @@ def build_book(src: Path, out: Path, env: dict[str, str] | None = None, timeout:
         shutil.rmtree(out)
     cmd = jupyter_book_cmd() + ["build", str(src), "--path-output", str(out), "--all", "--keep-going"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    log = proc.stdout + proc.stderr
+    log = ANSI.sub("", proc.stdout + proc.stderr)
     warnings = [line for line in log.splitlines() if WARNING.search(line)]
     html_dir = out / "_build" / "html"
     if proc.returncode != 0 or not (html_dir / "index.html").exists():
         raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}):\n{log[-5000:]}")
     return html_dir, warnings, log[-5000:]
+
+
+def redirect_target(page: Path) -> Path | None:
+    """The page a ``<meta http-equiv="refresh">`` page sends the browser to (Jupyter Book's index.html)."""
+    m = re.search(r'<meta[^>]+http-equiv="refresh"[^>]+content="[^"]*url=([^"]+)"', page.read_text(errors="replace"), re.I)
+    return (page.parent / unquote(urlsplit(m.group(1)).path)).resolve() if m else None
 
 
 def html_pages(html_dir: Path) -> list[Path]:
@@ -405,3 +412,18 @@ def ids_in_file(path: Path) -> set[str]:
     p = _DomParser()
     p.feed(path.read_text(encoding="utf-8", errors="replace"))
     return p.ids
+
+
+# --------------------------------------------------------------------------------------- fixtures
+import pytest  # noqa: E402  (kept at the end: the helpers above do not need pytest)
+
+
+@pytest.fixture(scope="session")
+def shared_run_dir(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this session sees (the executed chapters live here)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / "book-run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
