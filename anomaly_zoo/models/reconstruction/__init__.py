@@ -1,2 +1,2 @@
 """Reconstruction auto-encoders: anomaly = what the network cannot reconstruct."""
-from . import ae  # noqa: F401
+from . import ae, memae, ms_ssim_ae, unet_ae  # noqa: F401

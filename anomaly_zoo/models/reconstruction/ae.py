@@ -1,4 +1,4 @@
-"""Convolutional auto-encoder with an L2 or SSIM loss (Bergmann et al., VISAPP 2019).
+"""Convolutional auto-encoder with an L2, SSIM or MS-SSIM loss (Bergmann et al., VISAPP 2019).
 
 An auto-encoder trained on normal images only learns to reconstruct normal
 appearance through a narrow bottleneck; where a test image cannot be
@@ -10,9 +10,13 @@ reconstructed, the residual is large (the survey's reconstruction family).
   transposed convolutions; a sigmoid keeps the output in [0, 1].
 * Loss: ``loss="l2"``: the per-pixel squared error ||x - D(E(x))||^2 (their eq. 1);
   ``loss="ssim"``: 1 - SSIM(x, D(E(x))) averaged over pixels (their eq. 2-5,
-  the library's one SSIM in ``anomaly_zoo.ssim``).
-* Residual map: for L2 the squared error, for SSIM the per-pixel 1 - SSIM,
-  averaged over colour channels. Image score: the mean of the map (the
+  the library's one SSIM in ``anomaly_zoo.ssim``); ``loss="ms_ssim"``:
+  1 - MS-SSIM(x, D(E(x))), the multi-scale SSIM of Wang et al. (2003, eq. 7), which
+  compares structure at five scales instead of one 11x11 window.
+* Residual map: for L2 the squared error, for SSIM the per-pixel 1 - SSIM, for
+  MS-SSIM the per-pixel 1 - MS-SSIM (``ssim.ms_ssim_map``), averaged over colour
+  channels. ``residual=`` picks a map other than the loss's (e.g. an L2-trained
+  network read with an SSIM map). Image score: the mean of the map (the
   reconstruction error, ``image_score="mean"``) or its maximum after Gaussian
   smoothing (``"max"``).
 
@@ -27,11 +31,11 @@ from torch import nn
 from ...base import Detector
 from ...ops import gaussian_blur
 from ...registry import register
-from ...ssim import ssim_map
+from ...ssim import ms_ssim, ms_ssim_map, ssim_map
 from ...training import fit_loop
 from ...utils import AnomalyZooError
 
-LOSSES = ("l2", "ssim")
+LOSSES = ("l2", "ssim", "ms_ssim")
 
 
 def _block(cin, cout, k, s, transpose=False):
@@ -67,11 +71,13 @@ class ConvAutoEncoder(nn.Module):
 
 
 def residual_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-pixel reconstruction residual ``[B, H, W]``: squared error or 1 - SSIM, channel mean."""
+    """Per-pixel reconstruction residual ``[B, H, W]``: squared error, 1 - SSIM or 1 - MS-SSIM, channel mean."""
     if kind == "l2":
         return (x - x_hat).pow(2).mean(1)
     if kind == "ssim":
         return (1 - ssim_map(x, x_hat)).mean(1)
+    if kind == "ms_ssim":
+        return (1 - ms_ssim_map(x, x_hat)).mean(1)
     raise AnomalyZooError(f"unknown residual {kind!r}; use one of {', '.join(LOSSES)}")
 
 
@@ -79,14 +85,15 @@ def residual_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tenso
           "Structural Similarity to Autoencoders", year=2019, bibkey="bergmann2019ssim", localizes=True,
           trains=True, quick=dict(image_size=64, epochs=40))
 class AutoEncoder(Detector):
-    """Convolutional auto-encoder (L2 or SSIM loss); residual map."""
+    """Convolutional auto-encoder (L2, SSIM or MS-SSIM loss); residual map."""
 
-    def __init__(self, loss: str = "l2", latent_dim: int = 100, width: int = 32, image_size: int | None = 128,
+    def __init__(self, loss: str = "l2", residual: str | None = None, latent_dim: int = 100, width: int = 32, image_size: int | None = 128,
                  epochs: int = 200, batch_size: int = 16, lr: float = 2e-4, weight_decay: float = 1e-5,
                  image_score: str = "mean", sigma: float = 4.0, checkpoint: str | None = None,
                  device: str = "auto", seed: int = 0):
         super().__init__()
         self.loss = loss
+        self.residual = residual
         self.latent_dim = latent_dim
         self.width = width
         self.image_size = image_size
@@ -107,11 +114,15 @@ class AutoEncoder(Detector):
         x_hat = self.net_(x)
         if self.loss == "l2":
             return F.mse_loss(x_hat, x)
+        if self.loss == "ms_ssim":
+            return 1 - ms_ssim(x, x_hat)
         return 1 - ssim_map(x, x_hat).mean()
 
     def _fit(self, x: torch.Tensor) -> None:
         if self.loss not in LOSSES:
             raise AnomalyZooError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
+        if self.residual not in (None, *LOSSES):
+            raise AnomalyZooError(f"unknown residual {self.residual!r}; use None (= the loss) or one of {', '.join(LOSSES)}")
         if self.image_score not in ("mean", "max"):
             raise AnomalyZooError(f"image_score must be 'mean' or 'max', got {self.image_score!r}")
         if x.shape[-1] != x.shape[-2]:
@@ -128,7 +139,7 @@ class AutoEncoder(Detector):
             return self.net_(x).cpu()
 
     def _score(self, x: torch.Tensor):
-        maps = residual_map(x, self.net_(x), self.loss)
+        maps = residual_map(x, self.net_(x), self.residual or self.loss)
         if self.image_score == "mean":
             return maps.flatten(1).mean(1), maps
         return gaussian_blur(maps, self.sigma).flatten(1).amax(1), maps

@@ -1,1 +1,2 @@
-"""vae family (methods land here, one file each)."""
+"""Variational auto-encoders: anomaly = low evidence lower bound (ELBO) under a latent-variable model."""
+from . import vae  # noqa: F401

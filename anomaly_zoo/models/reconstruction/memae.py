@@ -1,0 +1,102 @@
+"""Memory-augmented auto-encoder, MemAE (Gong et al., ICCV 2019).
+
+An auto-encoder generalises too well: it often reconstructs anomalies too, and then
+the residual shows nothing. MemAE puts a memory between encoder and decoder. The
+encoding ``z = E(x)`` becomes a query; the decoder only sees ``z_hat = w M``, a sparse
+combination of ``N`` memory items learned on normal data (``memory.py``: attention
+addressing, eq. 4-5; hard shrinkage, eq. 7; read-out, eq. 3). An anomalous image is
+therefore rebuilt from *normal* items, and its residual is large.
+
+* Network: ``ae``'s ``ConvAutoEncoder`` (Bergmann et al. 2019) with the memory on its
+  ``latent_dim`` code: one query per image, as in the paper's image experiments
+  (MNIST, CIFAR-10, where the memory holds ``N`` = 100 / 500 items). Each memory item is
+  itself a code, so ``decode_memory()`` shows what the memory stores.
+* Loss (eq. 10): ``||x - x_hat||^2 + alpha * E(w_hat)`` with the entropy ``E`` of the
+  addressing weights (eq. 9) and ``alpha = 0.0002``.
+* Score: the reconstruction error (mean of the squared-error map, the paper's
+  anomaly score); map: the per-pixel squared error (channel mean).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...base import Detector
+from ...registry import register
+from ...training import fit_loop
+from ...utils import AnomalyZooError
+from .ae import ConvAutoEncoder
+from .memory import Memory, addressing_entropy
+
+
+@register("memae", family="reconstruction", paper="Memorizing Normality to Detect Anomaly: Memory-augmented "
+          "Deep Autoencoder for Unsupervised Anomaly Detection", year=2019, bibkey="gong2019memae",
+          localizes=True, trains=True, quick=dict(image_size=64, epochs=40))
+class MemAE(Detector):
+    """Auto-encoder whose code is rebuilt from a learned memory of normal codes (sparse attention)."""
+
+    def __init__(self, memory_size: int = 100, shrink_threshold: float | None = None, entropy_weight: float = 2e-4,
+                 similarity: str = "dot", latent_dim: int = 100, width: int = 32, image_size: int | None = 128,
+                 epochs: int = 200, batch_size: int = 16, lr: float = 2e-4, weight_decay: float = 1e-5,
+                 checkpoint: str | None = None, device: str = "auto", seed: int = 0):
+        super().__init__()
+        self.memory_size = memory_size
+        self.shrink_threshold = shrink_threshold
+        self.entropy_weight = entropy_weight
+        self.similarity = similarity
+        self.latent_dim = latent_dim
+        self.width = width
+        self.image_size = image_size
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.checkpoint = checkpoint
+        self.device = device
+        self.seed = seed
+
+    def _build(self, meta: dict) -> None:
+        self.net_ = ConvAutoEncoder(meta["input_hw"][0], self.latent_dim, self.width)
+        self.memory_ = Memory(self.memory_size, self.latent_dim, self.shrink_threshold, self.similarity)
+
+    def forward_memory(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_hat, w_hat)``: the reconstruction through the memory and the addressing weights ``[B, N]``."""
+        z_hat, w = self.memory_(self.net_.encoder(x))
+        return self.net_.decoder(z_hat), w
+
+    def _loss(self, x: torch.Tensor):
+        x_hat, w = self.forward_memory(x)
+        rec, ent = F.mse_loss(x_hat, x), addressing_entropy(w)
+        return rec + self.entropy_weight * ent, {"entropy": ent.detach()}
+
+    def _fit(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != x.shape[-2]:
+            raise AnomalyZooError(f"the auto-encoder needs square images, got {tuple(x.shape[-2:])}")
+        if self.memory_size < 1:
+            raise AnomalyZooError(f"memory_size must be at least 1, got {self.memory_size}")
+        self._build(self.meta_)
+        module = torch.nn.ModuleDict({"net": self.net_, "memory": self.memory_})
+        self.meta_["history"] = fit_loop(module, self._loss, x, epochs=self.epochs, batch_size=self.batch_size,
+                                         lr=self.lr, weight_decay=self.weight_decay, device=self.device_,
+                                         seed=self.seed, desc="memae", checkpoint=self.checkpoint)
+
+    def reconstruct(self, images) -> torch.Tensor:
+        """The reconstruction through the memory, at the detector's image size (CPU)."""
+        x = self._prepare(images, "images").to(self.device_)
+        with torch.no_grad():
+            return self.forward_memory(x)[0].cpu()
+
+    def addressing(self, images) -> torch.Tensor:
+        """The shrunk addressing weights ``[N_images, memory_size]`` (CPU)."""
+        x = self._prepare(images, "images").to(self.device_)
+        with torch.no_grad():
+            return self.forward_memory(x)[1].cpu()
+
+    def decode_memory(self) -> torch.Tensor:
+        """Every memory item decoded to an image ``[memory_size, 3, H, W]``: what the memory stores."""
+        with torch.no_grad():
+            return self.net_.decoder(self.memory_.items[:, :, None, None]).cpu()
+
+    def _score(self, x: torch.Tensor):
+        maps = (x - self.forward_memory(x)[0]).pow(2).mean(1)
+        return maps.flatten(1).mean(1), maps
