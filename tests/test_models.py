@@ -13,7 +13,19 @@ MODELS = [c.name for c in az.list_models()]
 # name -> (dataset kwargs, metric, threshold); every registered model needs an entry
 QUALITY = {
     "padim": (dict(name="textures", category="brick"), "image_auroc", 0.95),
+    "spade": (dict(name="textures", category="brick"), "aupro", 0.90),
+    "patchcore": (dict(name="textures", category="brick"), "image_auroc", 0.97),
+    "dfm": (dict(name="textures", category="brick"), "image_auroc", 0.80),
+    "dfr": (dict(name="textures", category="brick"), "aupro", 0.90),
     "ae": (dict(name="digits", normal_class=0), "image_auroc", 0.80),
+    "ms_ssim_ae": (dict(name="digits", normal_class=0), "image_auroc", 0.80),
+    "unet_ae": (dict(name="digits", normal_class=0), "image_auroc", 0.50),
+    "memae": (dict(name="digits", normal_class=0), "image_auroc", 0.80),
+    "vae": (dict(name="digits", normal_class=0), "image_auroc", 0.85),
+    "ocsvm": (dict(name="digits", normal_class=5), "image_auroc", 0.85),
+    "deep_svdd": (dict(name="digits", normal_class=8), "image_auroc", 0.85),
+    "patch_svdd": (dict(name="textures", category="brick"), "pixel_auroc", 0.80),
+    "fcdd": (dict(name="textures", category="brick"), "pixel_auroc", 0.80),
 }
 
 

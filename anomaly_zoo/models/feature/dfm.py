@@ -1,0 +1,149 @@
+"""DFM: deep feature modeling with PCA and a Gaussian (Ahuja et al., 2019).
+
+Model the distribution of a pretrained CNN's features of normal images with a
+multivariate Gaussian in a PCA subspace; a test image whose features are unlikely
+under it, or that the subspace cannot reconstruct, is anomalous. Ahuja et al. model the
+outputs of a network's layers with parametric densities (Gaussian, or a mixture) and
+score a sample by its likelihood; in anomaly detection there is one class, the normal one.
+
+1. Features: the output of one mid-level stage (a ResNet-50's ``layer3`` in anomalib's
+   implementation of DFM; here EfficientNet-Lite0's ``stage5``, also at stride 16), average
+   pooled with a ``pooling_kernel_size`` window (4) to shrink it, and flattened to one
+   vector x in R^D per image (the pooled grid keeps a coarse layout of the image).
+2. PCA: the mean mu and the principal directions W (k x D, orthonormal rows) of the N
+   training vectors, with k the smallest number of components that explains
+   ``pca_level`` (97 %) of the variance; lambda_1..lambda_k are their variances (the
+   eigenvalues of the sample covariance, 1/(N-1) normalisation), and
+
+       z = W (x - mu)                                                                (M1)
+
+3. Scores, both options (``score_type``):
+
+   * ``"nll"``: the Gaussian negative log-likelihood of z. In the PCA basis the sample
+     covariance is diag(lambda), so
+
+         -log p(z) = 1/2 sum_i z_i^2 / lambda_i + 1/2 sum_i log lambda_i + k/2 log(2 pi)   (M2)
+
+   * ``"fre"``: the feature reconstruction error, the energy of x outside the principal
+     subspace (the score the same group studies in Ndiour, Ahuja & Tickoo 2020, and
+     anomalib's default for DFM):
+
+         FRE(x) = ||x - (mu + W^T z)||^2                                             (M3)
+
+   The map (for both options) is the reconstruction error per pooled cell, summed over
+   channels, upsampled (bilinear) to the image and smoothed with a Gaussian of sigma = 4:
+   the NLL has no per-position decomposition (every component mixes all positions), the
+   residual of (M3) does. On the 2 x 2 (quick, 128 px) or 4 x 4 (256 px) pooled grid it is
+   coarse: DFM is a detection method first.
+
+Labels M1-M3 are this file's (the paper's derivation was not checked offline for its
+numbering). Fitting is closed form (an SVD in float64); nothing is trained.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ...backbones import create_backbone
+from ...base import Detector
+from ...ops import gaussian_blur, upsample
+from ...registry import register
+from ...utils import AnomalyZooError
+from .common import embed, extract
+
+#: one mid-level tap at stride 16 per backbone (anomalib's DFM uses ResNet-50 ``layer3``)
+DFM_LAYERS = {"efficientnet_lite0": ("stage5",), "resnet18": ("layer3",), "wide_resnet50_2": ("layer3",)}
+SCORE_TYPES = ("fre", "nll")
+
+
+def n_components_for(variances: torch.Tensor, level: float) -> int:
+    """Smallest k whose first k (descending) variances explain at least ``level`` of the total;
+    ``level >= 1`` is read as the number of components itself."""
+    if level >= 1:
+        return int(min(int(level), len(variances)))
+    ratio = torch.cumsum(variances, 0) / variances.sum()
+    return int(min(int((ratio < level).sum()) + 1, len(variances)))
+
+
+def gaussian_nll(z: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
+    """-log N(z; 0, diag(variances)) for the rows of ``z [B, k]``."""
+    k = z.shape[1]
+    return 0.5 * (z * z / variances).sum(1) + 0.5 * torch.log(variances).sum() + 0.5 * k * math.log(2 * math.pi)
+
+
+@register("dfm", family="feature", paper="Probabilistic Modeling of Deep Features for Out-of-Distribution and "
+          "Adversarial Detection", year=2019, bibkey="ahuja2019dfm", localizes=True, trains=False,
+          quick=dict(image_size=128))
+class DFM(Detector):
+    """PCA + Gaussian of pooled deep features; NLL or feature-reconstruction-error score."""
+
+    predict_batch_size = 16
+
+    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, layers=None,
+                 pooling_kernel_size: int = 4, pca_level: float = 0.97, score_type: str = "fre", sigma: float = 4.0,
+                 image_size: int | None = 256, weights: str | None = None, device: str = "auto", seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.pretrained = pretrained
+        self.layers = layers
+        self.pooling_kernel_size = pooling_kernel_size
+        self.pca_level = pca_level
+        self.score_type = score_type
+        self.sigma = sigma
+        self.image_size = image_size
+        self.weights = weights
+        self.device = device
+        self.seed = seed
+
+    def _build(self, meta: dict) -> None:
+        if self.layers is None and self.backbone not in DFM_LAYERS:
+            raise AnomalyZooError(f"no default DFM layer for backbone {self.backbone!r}: pass layers=")
+        self.layers_ = list(self.layers or DFM_LAYERS[self.backbone])
+        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained, layers=self.layers_,
+                                          weights=self.weights)
+
+    @torch.no_grad()
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> pooled feature maps ``[B, C, h, w]`` (flatten for the vector x)."""
+        e = embed(self.extractor_(x), self.layers_, mode="bilinear")
+        k = self.pooling_kernel_size
+        return F.avg_pool2d(e, k) if k > 1 else e
+
+    def _fit(self, x: torch.Tensor) -> None:
+        if self.score_type not in SCORE_TYPES:
+            raise AnomalyZooError(f"score_type must be one of {', '.join(SCORE_TYPES)}, got {self.score_type!r}")
+        if len(x) < 2:
+            raise AnomalyZooError("DFM needs at least 2 training images to fit a PCA")
+        self._build(self.meta_)
+        self.extractor_.to(self.device_)
+        feats = extract(self.pooled_features, x, self.predict_batch_size, self.device_, out_device=self.device_)
+        self.meta_["feature_shape"] = list(feats.shape[1:])
+        v = feats.flatten(1).double()
+        mean = v.mean(0)
+        _, s, vh = torch.linalg.svd(v - mean, full_matrices=False)
+        variances = s**2 / (len(v) - 1)
+        k = n_components_for(variances, self.pca_level)
+        self.meta_["n_components"] = k
+        self.register_buffer("mean_", mean.float())
+        self.register_buffer("components_", vh[:k].float().contiguous())  # W, [k, D]
+        self.register_buffer("variances_", variances[:k].float().clamp_min(1e-12))  # lambda, [k]
+
+    def project(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``v [B, D]`` -> (PCA coordinates z ``[B, k]``, reconstruction mu + W^T z ``[B, D]``)."""
+        z = (v - self.mean_) @ self.components_.T
+        return z, self.mean_ + z @ self.components_
+
+    def _score(self, x: torch.Tensor):
+        feats = self.pooled_features(x)
+        v = feats.flatten(1)
+        z, recon = self.project(v)
+        residual = (v - recon).pow(2)
+        if self.score_type == "nll":
+            scores = gaussian_nll(z, self.variances_)
+        else:
+            scores = residual.sum(1)
+        maps = residual.view_as(feats).sum(1)
+        maps = gaussian_blur(upsample(maps, x.shape[-2:]), self.sigma)
+        return scores, maps

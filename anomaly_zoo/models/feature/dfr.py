@@ -1,0 +1,165 @@
+"""DFR: Unsupervised Anomaly Segmentation via Deep Feature Reconstruction (Yang, Shi & Qi, Neurocomputing 2021).
+
+An auto-encoder that reconstructs *features*, not pixels: trained on the multi-scale
+regional features of normal images, it reconstructs normal regions well and
+anomalous ones badly, so the feature reconstruction error is the anomaly map.
+
+1. The multi-scale regional feature generator: the maps phi_l(x) of L layers of a
+   pretrained CNN (VGG19's ``relu1_1`` .. ``relu4_4``, 12 layers, in the authors' code) are
+   each resized (bilinear) to the image size H x W and average-filtered with an r x r
+   window at stride r (r = 4), so that every r x r region of the image gets one vector per
+   layer; the vectors of all layers are concatenated:
+
+       f(x) = concat_l AvgPool_r(Resize_{H x W}(phi_l(x)))  in  R^{C x H/r x W/r},  C = sum_l C_l   (D1)
+
+   Shallow layers describe the region itself, deep layers its context at growing scales.
+   For EfficientNet-Lite0 the analogue of VGG19 blocks 1-4 (everything but the deepest,
+   most ImageNet-specific stages) is ``stage1`` .. ``stage5`` (strides 2 to 16, C = 272).
+2. The deep yet efficient convolutional auto-encoder: 1 x 1 convolutions only, so each
+   region is encoded on its own: C -> (C + 2c)/2 -> 2c -> c -> 2c -> (C + 2c)/2 -> C, with
+   BatchNorm and ReLU between layers. The latent size c is estimated by PCA: the number of
+   principal components that explain 90 % of the variance of the regional features (of
+   the first ten training images, as the authors' code does).
+3. Training: the mean squared error over regions and channels,
+
+       L = 1 / (C h w)  sum_{i,j} ||f_ij(x) - CAE(f(x))_ij||^2                                      (D2)
+
+   with Adam (lr 1e-4) and batches of 4 images, through the library's one training loop.
+   The authors' code trains 150 epochs (700 in some of their runs). The quick preset
+   trains 10 epochs on 128 px images with 8 x 8 regions (a 16 x 16 grid, 4x fewer regions
+   to reconstruct than 4 x 4) and lr 1e-3: with only 150 steps, lr 1e-4 leaves the
+   training loss about 3x higher (a training-data criterion; no test label was used).
+4. Anomaly map: the reconstruction error of each region, averaged over channels,
+
+       A_ij(x) = 1/C ||f_ij(x) - CAE(f(x))_ij||^2                                                 (D3)
+
+   upsampled (bilinear) to the input; the image score is the maximum of the map (the
+   authors' detection protocol). No smoothing (``sigma=0``), as in their code.
+
+Equation labels D1-D3 are this file's (the settings above were checked against the
+authors' published code, github.com/YoungGod/DFR, not against the paper's numbering).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...backbones import create_backbone
+from ...base import Detector
+from ...ops import gaussian_blur, upsample
+from ...registry import register
+from ...training import fit_loop
+from ...utils import AnomalyZooError
+from .common import extract
+
+#: the layers whose regional features are concatenated (all stages up to stride 16)
+DFR_LAYERS = {
+    "efficientnet_lite0": ("stage1", "stage2", "stage3", "stage4", "stage5"),
+    "resnet18": ("layer1", "layer2", "layer3"),
+    "wide_resnet50_2": ("layer1", "layer2", "layer3"),
+}
+
+
+class FeatureCAE(nn.Module):
+    """DFR's auto-encoder: 1x1 convolutions C -> (C+2c)/2 -> 2c -> c and back, BN + ReLU between."""
+
+    def __init__(self, channels: int, latent_dim: int):
+        super().__init__()
+        mid, c = (channels + 2 * latent_dim) // 2, latent_dim
+
+        def layer(cin, cout, last=False):
+            return [nn.Conv2d(cin, cout, 1)] + ([] if last else [nn.BatchNorm2d(cout), nn.ReLU()])
+
+        self.encoder = nn.Sequential(*layer(channels, mid), *layer(mid, 2 * c), *layer(2 * c, c, last=True))
+        self.decoder = nn.Sequential(*layer(c, 2 * c), *layer(2 * c, mid), *layer(mid, channels, last=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def pca_dimension(features: torch.Tensor, level: float = 0.9) -> int:
+    """Number of principal components of the rows of ``features [n, C]`` that explain ``level`` of the variance."""
+    v = features.double() - features.double().mean(0)
+    s = torch.linalg.svdvals(v)
+    ratio = torch.cumsum(s**2, 0) / (s**2).sum()
+    return int(min(int((ratio < level).sum()) + 1, features.shape[1]))
+
+
+@register("dfr", family="feature", paper="Unsupervised Anomaly Segmentation via Deep Feature Reconstruction",
+          year=2021, bibkey="yang2021dfr", localizes=True, trains=True,
+          quick=dict(image_size=128, region_size=8, epochs=10, lr=1e-3))
+class DFR(Detector):
+    """1x1-convolution auto-encoder on multi-scale regional features; feature reconstruction error map."""
+
+    predict_batch_size = 8  # the resized maps of 256 px images are large
+
+    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, layers=None,
+                 region_size: int = 4, latent_dim: int | None = None, pca_level: float = 0.9, epochs: int = 150,
+                 batch_size: int = 4, lr: float = 1e-4, sigma: float = 0.0, image_size: int | None = 256,
+                 checkpoint: str | None = None, weights: str | None = None, device: str = "auto", seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.pretrained = pretrained
+        self.layers = layers
+        self.region_size = region_size
+        self.latent_dim = latent_dim
+        self.pca_level = pca_level
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.sigma = sigma
+        self.image_size = image_size
+        self.checkpoint = checkpoint
+        self.weights = weights
+        self.device = device
+        self.seed = seed
+
+    # the networks: a frozen extractor, and the CAE once its sizes are known
+    def _build(self, meta: dict) -> None:
+        if self.layers is None and self.backbone not in DFR_LAYERS:
+            raise AnomalyZooError(f"no default DFR layers for backbone {self.backbone!r}: pass layers=")
+        self.layers_ = list(self.layers or DFR_LAYERS[self.backbone])
+        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained, layers=self.layers_,
+                                          weights=self.weights)
+        if "latent_dim" in meta:
+            self.net_ = FeatureCAE(meta["channels"], meta["latent_dim"])
+
+    @torch.no_grad()
+    def regional_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. D1: ``[B, 3, H, W]`` -> ``[B, sum C_l, H / r, W / r]`` (resize to H x W, r x r average, concat)."""
+        taps = self.extractor_(x)
+        r = self.region_size
+        parts = []
+        for name in self.layers_:  # one layer at a time: the full-size maps are large
+            f = F.interpolate(taps[name], size=x.shape[-2:], mode="bilinear", align_corners=True)
+            parts.append(F.avg_pool2d(f, r, stride=r) if r > 1 else f)
+        return torch.cat(parts, dim=1)
+
+    def _loss(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.net_(feats), feats)
+
+    def _fit(self, x: torch.Tensor) -> None:
+        if x.shape[-1] % self.region_size or x.shape[-2] % self.region_size:
+            raise AnomalyZooError(f"image size {tuple(x.shape[-2:])} is not a multiple of region_size={self.region_size}")
+        self._build(self.meta_)
+        self.extractor_.to(self.device_)
+        feats = extract(self.regional_features, x, self.predict_batch_size, self.device_)  # CPU, [N, C, h, w]
+        channels = feats.shape[1]
+        latent = self.latent_dim
+        if latent is None:
+            first = feats[:10].permute(0, 2, 3, 1).reshape(-1, channels)
+            latent = pca_dimension(first, self.pca_level)
+        self.meta_.update(channels=int(channels), latent_dim=int(latent), grid=list(feats.shape[-2:]))
+        self.net_ = FeatureCAE(channels, latent)
+        self.meta_["history"] = fit_loop(self.net_, self._loss, feats, epochs=self.epochs, batch_size=self.batch_size,
+                                         lr=self.lr, device=self.device_, seed=self.seed, desc="dfr",
+                                         checkpoint=self.checkpoint)
+
+    def _score(self, x: torch.Tensor):
+        feats = self.regional_features(x)
+        maps = (feats - self.net_(feats)).pow(2).mean(1)  # eq. D3
+        maps = upsample(maps, x.shape[-2:])
+        if self.sigma > 0:
+            maps = gaussian_blur(maps, self.sigma)
+        return maps.flatten(1).amax(1), maps

@@ -1,0 +1,130 @@
+"""SPADE: Sub-Image Anomaly Detection with Deep Pyramid Correspondences (Cohen & Hoshen, 2020).
+
+Two nearest-neighbour searches in the features of a pretrained CNN, first over whole
+images, then over pixels of the retrieved images only.
+
+1. Image level (Sec. 3.1-3.2, eq. 1): every image is described by the globally pooled
+   features f = F(x) that the ImageNet classifier reads (ResNet's ``avgpool`` output in
+   the paper; here EfficientNet-Lite0's 1280-channel head, pooled). A test image y is as
+   anomalous as its mean squared distance to its K nearest normal images:
+
+       d(y) = 1/K  sum_{f in N_K(f_y)} ||f - f_y||^2                       (eq. 1)
+
+2. Pixel level (Sec. 3.3, eq. 2): each position p of y is described by its feature
+   pyramid F(y, p), the concatenation of the outputs of the first three blocks (strides
+   4, 8, 16; upsampled bilinearly to the stride-4 grid). The gallery G holds the pyramid
+   features of *all positions* of the K nearest normal images x_1..x_K found in step 1,
+   and the anomaly of position p is its mean squared distance to its kappa nearest
+   gallery features:
+
+       d(y, p) = 1/kappa  sum_{f in N_kappa(F(y, p))} ||f - F(y, p)||^2     (eq. 2)
+
+   Searching all positions of the retrieved images (not only position p) is what makes
+   SPADE robust to misalignment; restricting the gallery to K images keeps it affordable.
+   The map is upsampled (bilinear) to the input size and smoothed with a Gaussian of
+   sigma = 4 (Sec. 4).
+
+Paper settings (Sec. 4): K = 50, kappa = 1, sigma = 4; a Wide-ResNet50x2 at 224 px. Here:
+EfficientNet-Lite0 taps ``stage2``, ``stage3``, ``stage5`` (strides 4, 8, 16, the analogue of
+the paper's three blocks) and the default preset at 256 px without a centre crop. The quick
+preset uses 128 px and K = 10 nearest images (the pixel-level search costs K x h x w
+distances per test position; 60 quick training images leave K = 50 meaningless anyway).
+Distances are exact and computed in chunks, so memory stays bounded.
+
+``image_score="knn"`` (default) is the paper's image score, eq. 1. ``"max"`` scores an image
+by the maximum of its pixel map instead (the rule of PaDiM and PatchCore): on textures,
+where a defect covers a few percent of the image, pooling the whole image into one vector
+dilutes it, and the pixel-level search finds it far more reliably (see the chapter).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...backbones import DEFAULT_LAYERS, create_backbone
+from ...base import Detector
+from ...ops import gaussian_blur, upsample
+from ...registry import register
+from ...utils import AnomalyZooError
+from .common import MAX_ELEMENTS, embed, knn, pooled_head
+
+#: the deepest tap of each backbone, whose pooled (head) features describe a whole image
+LAST_STAGE = {"efficientnet_lite0": "stage7", "resnet18": "layer4", "wide_resnet50_2": "layer4"}
+IMAGE_SCORES = ("knn", "max")
+
+
+@register("spade", family="feature", paper="Sub-Image Anomaly Detection with Deep Pyramid Correspondences",
+          year=2020, bibkey="cohen2020spade", localizes=True, trains=False, quick=dict(image_size=128, k_images=10))
+class SPADE(Detector):
+    """kNN over whole images (pooled features), then kNN over the pixels of the K retrieved images."""
+
+    predict_batch_size = 16
+
+    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, layers=None,
+                 k_images: int = 50, k_pixels: int = 1, image_score: str = "knn", sigma: float = 4.0,
+                 image_size: int | None = 256,
+                 max_elements: int = MAX_ELEMENTS, weights: str | None = None, device: str = "auto", seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.pretrained = pretrained
+        self.layers = layers
+        self.k_images = k_images
+        self.k_pixels = k_pixels
+        self.image_score = image_score
+        self.sigma = sigma
+        self.image_size = image_size
+        self.max_elements = max_elements
+        self.weights = weights
+        self.device = device
+        self.seed = seed
+
+    # the network: a frozen extractor tapping the pyramid and the last stage
+    def _build(self, meta: dict) -> None:
+        if self.backbone not in LAST_STAGE:
+            raise AnomalyZooError(f"SPADE does not know the last stage of backbone {self.backbone!r}; "
+                                  f"use one of {', '.join(LAST_STAGE)}")
+        self.layers_ = list(self.layers or DEFAULT_LAYERS[self.backbone])
+        self.last_ = LAST_STAGE[self.backbone]
+        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained,
+                                          layers=[*self.layers_, self.last_], weights=self.weights)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 3, H, W]`` -> (image features f ``[B, G]``, feature pyramid F ``[B, C, h, w]``)."""
+        taps = self.extractor_(x)
+        return pooled_head(self.extractor_, taps[self.last_]), embed(taps, self.layers_, mode="bilinear")
+
+    def _fit(self, x: torch.Tensor) -> None:
+        if self.image_score not in IMAGE_SCORES:
+            raise AnomalyZooError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
+        if self.k_images < 1 or self.k_pixels < 1:
+            raise AnomalyZooError(f"k_images and k_pixels must be >= 1, got {self.k_images} and {self.k_pixels}")
+        self._build(self.meta_)
+        self.extractor_.to(self.device_)
+        glob, pyr = [], []
+        for i in range(0, len(x), self.predict_batch_size):
+            g, p = self.features(x[i : i + self.predict_batch_size].to(self.device_))
+            glob.append(g)
+            pyr.append(p)
+        self.register_buffer("train_features_", torch.cat(glob))  # the image-level gallery, [N, G]
+        self.register_buffer("train_pyramids_", torch.cat(pyr))  # the pixel-level galleries, [N, C, h, w]
+        self.meta_["grid"] = list(self.train_pyramids_.shape[-2:])
+
+    def nearest_images(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 1's neighbours: squared distances ``[B, K]`` and indices of the K nearest training images."""
+        return knn(f, self.train_features_, self.k_images, squared=True, max_elements=self.max_elements)
+
+    def pixel_scores(self, pyramid: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """Eq. 2 for one image: ``pyramid [C, h, w]``, the indices of its K nearest images -> ``[h, w]``."""
+        c, h, w = pyramid.shape
+        gallery = self.train_pyramids_[neighbours].permute(0, 2, 3, 1).reshape(-1, c)  # all positions of K images
+        query = pyramid.permute(1, 2, 0).reshape(-1, c)
+        d, _ = knn(query, gallery, self.k_pixels, squared=True, max_elements=self.max_elements)
+        return d.mean(1).view(h, w)
+
+    def _score(self, x: torch.Tensor):
+        f, pyr = self.features(x)
+        d_img, neighbours = self.nearest_images(f)
+        maps = torch.stack([self.pixel_scores(pyr[i], neighbours[i]) for i in range(len(x))])  # eq. 2
+        maps = gaussian_blur(upsample(maps, x.shape[-2:]), self.sigma)
+        scores = d_img.mean(1) if self.image_score == "knn" else maps.flatten(1).amax(1)  # eq. 1, or the map's max
+        return scores, maps
