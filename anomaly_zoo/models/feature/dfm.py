@@ -120,7 +120,7 @@ class DFM(Detector):
         self.extractor_.to(self.device_)
         feats = extract(self.pooled_features, x, self.predict_batch_size, self.device_, out_device=self.device_)
         self.meta_["feature_shape"] = list(feats.shape[1:])
-        v = feats.flatten(1).double()
+        v = feats.flatten(1).double().cpu()  # float64 SVD on the CPU (MPS has no float64)
         mean = v.mean(0)
         _, s, vh = torch.linalg.svd(v - mean, full_matrices=False)
         variances = s**2 / (len(v) - 1)
