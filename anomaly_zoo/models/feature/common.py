@@ -10,8 +10,9 @@ normal features it sees there. The pieces below are written once:
 * :func:`pooled_head`: the globally pooled features the backbone's classifier sees (SPADE's
   image-level kNN);
 * :func:`knn`: exact k-nearest neighbours by Euclidean distance, computed in chunks of
-  queries so that the ``[queries, bank]`` distance matrix never exceeds ``max_elements``
-  numbers (PatchCore, SPADE).
+  queries so that the ``[queries, bank]`` distance matrix held at once has at most
+  ``max(max_elements, len(bank))`` numbers (PatchCore, SPADE);
+* :func:`one_thread_on_cpu`: run a long sequential loop (PatchCore's coreset) on one thread.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ MAX_ELEMENTS = 2**24
 def one_thread_on_cpu(device):
     """Run a loop of many small tensor operations on one CPU thread (restored afterwards).
 
-    A sequential loop such as the greedy coreset does thousands of tiny, memory-bound
-    steps; with several OpenMP threads every step pays a synchronisation, which costs more
-    than it gains, and far more when the cores are shared (measured: 7x slower with 2
-    threads than with 1 on a busy 2-core VM). GPUs are left alone.
+    A sequential loop such as the greedy coreset does thousands of memory-bound steps: a
+    second OpenMP thread gains nothing (measured on 2 quiet cores: 7.6 vs 7.7 ms per step
+    for 204,800 patches), and when the cores are shared every step's synchronisation makes
+    it several times slower (7x measured on a busy 2-core VM). GPUs are left alone.
     """
     if torch.device(device).type != "cpu":
         yield
@@ -72,15 +73,10 @@ def embed(features: dict[str, torch.Tensor], layers: Sequence[str], mode: str = 
     return torch.cat(parts, dim=1)
 
 
-def last_stage(extractor: FeatureExtractor) -> str:
-    """Name of the backbone's deepest tap (``stage7`` for EfficientNet-Lite0, ``layer4`` for ResNets)."""
-    return list(extractor.model.stages)[-1]
-
-
 def pooled_head(extractor: FeatureExtractor, last: torch.Tensor) -> torch.Tensor:
     """The global-average-pooled features the ImageNet classifier reads, ``[B, C]``.
 
-    ``last`` is the output of :func:`last_stage`. For EfficientNet-Lite0 the 1x1 head
+    ``last`` is the output of the deepest stage (``stage7``, ``layer4``). For EfficientNet-Lite0 the 1x1 head
     convolution (1280 channels, BN, ReLU6) comes first; for ResNets ``layer4`` is pooled
     directly (the ``avgpool`` output of torchvision's ResNet, as in SPADE).
     """

@@ -38,6 +38,11 @@ score a sample by its likelihood; in anomaly detection there is one class, the n
 
 Labels M1-M3 are this file's (the paper's derivation was not checked offline for its
 numbering). Fitting is closed form (an SVD in float64); nothing is trained.
+
+Measured with the quick preset (mean image AUROC over data seeds 0-4): FRE 0.89 on brick,
+0.63 on grass, 0.73 on gravel, 0.93 on the phantom scans; NLL 0.69, 0.58, 0.66, 0.82 (FRE is
+the default, as in anomalib). On grass a random backbone does as well (0.66): whole-image statistics
+of a busy texture are caught by random filters too.
 """
 from __future__ import annotations
 

@@ -18,8 +18,7 @@ Mahalanobis distance to the Gaussian of its position.
 Simplification: the paper resizes to 256 and centre-crops 224; here images are
 resized to ``image_size`` without a crop (the quick preset uses 128 px).
 The covariance is computed for all positions at once (batched outer products,
-accumulated in float64, as one ``bmm`` per batch of images) and inverted in one batched
-call; eq. (2) is one batched matrix product for all positions of a batch as well.
+accumulated in float64) and inverted in one batched call.
 """
 from __future__ import annotations
 
@@ -82,12 +81,11 @@ class PaDiM(Detector):
             e = self._embed(x[i : i + self.predict_batch_size].to(self.device_)).double()  # [B, d, P]
             n += len(e)
             s = s + e.sum(0)
-            ss = ss + torch.bmm(e.permute(2, 1, 0), e.permute(2, 0, 1))  # sum_k x x^T per position, [P, d, d]
+            ss = ss + torch.einsum("bdp,bep->pde", e, e)
         if n < 2:
             raise ValueError("PaDiM needs at least 2 training images to estimate a covariance")
         mean = s / n  # [d, P]
-        mt = mean.T  # [P, d]
-        cov = (ss - n * mt[:, :, None] * mt[:, None, :]) / (n - 1)
+        cov = (ss - n * torch.einsum("dp,ep->pde", mean, mean)) / (n - 1)
         cov += self.eps * torch.eye(self.n_features, dtype=cov.dtype, device=cov.device)
         h, w = self.extractor_(x[:1].to(self.device_))[self.layers_[0]].shape[-2:]
         self.meta_["grid"] = [int(h), int(w)]
@@ -96,8 +94,8 @@ class PaDiM(Detector):
 
     # inference: eq. (2), upsampling and smoothing
     def _score(self, x: torch.Tensor):
-        delta = (self._embed(x) - self.mean_).permute(2, 1, 0)  # [P, d, B]
-        dist = (torch.bmm(self.cov_inv_, delta) * delta).sum(1).T.clamp_min(0).sqrt()  # [B, P]
+        delta = self._embed(x) - self.mean_  # [B, d, P]
+        dist = torch.einsum("bdp,pde,bep->bp", delta, self.cov_inv_, delta).clamp_min(0).sqrt()
         maps = dist.view(len(x), *self.meta_["grid"])
         maps = gaussian_blur(upsample(maps, x.shape[-2:]), self.sigma)
         return maps.flatten(1).amax(1), maps
