@@ -193,9 +193,10 @@ def brick_results(brick):
 THRESHOLDS = {  # (metric, threshold) on quick brick, seed 0, pretrained backbone; measured values in comments
     "patchcore": [("image_auroc", 0.97), ("aupro", 0.85)],  # 0.998, 0.981
     "padim": [("image_auroc", 0.90), ("aupro", 0.90)],  # 0.985, 0.969
-    # SPADE's own image score (eq. 1, kNN of globally pooled features) reaches 0.84 here: global
-    # pooling dilutes small texture defects. The maximum of its pixel map (image_score="max") 0.91.
-    "spade": [("image_auroc", 0.80), ("image_auroc_map_max", 0.90), ("aupro", 0.90)],  # 0.840, 0.911, 0.962
+    # SPADE's own image score (eq. 1, kNN of globally pooled features) reaches 0.84 here (0.80-0.88
+    # over data seeds 0-2; the paper's MVTec mean is 0.855): global pooling dilutes small texture
+    # defects. The maximum of its pixel map (image_score="max") 0.91 (0.85-0.95).
+    "spade": [("image_auroc", 0.75), ("image_auroc_map_max", 0.85), ("aupro", 0.90)],  # 0.840, 0.911, 0.962
     "dfm": [("image_auroc", 0.80)],  # 0.877
     "dfr": [("image_auroc", 0.90), ("aupro", 0.90)],  # 0.986, 0.966
 }
