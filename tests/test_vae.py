@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import anomaly_zoo as az
-from anomaly_zoo.models.vae.vae import kl_divergence
+from anomaly_zoo.models.vae.vae import kl_divergence, nll_map
 
 
 # ------------------------------------------------------------------ VAE (Kingma & Welling 2014)
@@ -60,6 +60,28 @@ def test_vae_gradient_map_is_autograd_of_the_elbo():
     # the reconstruction map variant: no autograd needed, same scores
     det.map = "recon"
     assert not det.needs_grad and torch.allclose(det.predict(test).scores, pred.scores, rtol=1e-5)
+
+
+def test_vae_scores_do_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(3)
+    train, test = torch.rand(8, 3, 32, 32, generator=g), torch.rand(5, 3, 32, 32, generator=g)
+    det = az.create("vae", preset="quick", epochs=1, latent_dim=4).fit(train)
+    whole = det.predict(test)
+    for bs in (1, 2):
+        assert torch.allclose(det.predict(test, batch_size=bs).scores, whole.scores, rtol=1e-5)
+    assert torch.allclose(det.predict(test[3:4]).scores, whole.scores[3:4], rtol=1e-5)
+
+
+def test_vae_gaussian_gradient_through_the_decoder_is_the_residual():
+    """With the code held fixed, d(-log p(x|z))/dx is (x - x_hat) / s^2 (Gaussian) and -logit(x_hat)
+    (Bernoulli, whatever x is): the chapter's argument against Bernoulli gradient maps."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    logits = torch.randn(2, 3, 32, 32, generator=g)
+    for likelihood, expected in [("gaussian", (x - torch.sigmoid(logits)) / 0.05), ("bernoulli", -logits)]:
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(nll_map(xg, logits, likelihood, 0.05).sum(), xg)
+        assert torch.allclose(grad, expected, atol=1e-4), likelihood
 
 
 def test_vae_prior_samples_and_codes(tiny):
