@@ -81,10 +81,43 @@ def residual_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tenso
     raise AnomalyZooError(f"unknown residual {kind!r}; use one of {', '.join(LOSSES)}")
 
 
+class ReconstructionDetector(Detector):
+    """What every auto-encoder of this family shares (``ae``, ``unet_ae``, ``ms_ssim_ae``, ``memae``).
+
+    The network ``self.net_`` (an instance of ``network``, built from ``latent_dim``, ``width`` and
+    the training image size), the square-image check, the call to the one training loop with
+    the common hyperparameters, and ``reconstruct()`` for figures. A subclass supplies its
+    loss step and its score; ``_reconstruct`` is the forward pass from input to reconstruction.
+    """
+
+    network: type[nn.Module] = ConvAutoEncoder
+
+    def _build(self, meta: dict) -> None:
+        self.net_ = self.network(meta["input_hw"][0], self.latent_dim, self.width)
+
+    def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net_(x)
+
+    def _train(self, x: torch.Tensor, step, desc: str) -> None:
+        """Check ``x``, build the networks and minimise ``step(batch)`` with the shared loop."""
+        if x.shape[-1] != x.shape[-2]:
+            raise AnomalyZooError(f"the auto-encoder needs square images, got {tuple(x.shape[-2:])}")
+        self._build(self.meta_)
+        self.meta_["history"] = fit_loop(self, step, x, epochs=self.epochs, batch_size=self.batch_size,
+                                         lr=self.lr, weight_decay=self.weight_decay, device=self.device_,
+                                         seed=self.seed, desc=desc, checkpoint=self.checkpoint)
+
+    def reconstruct(self, images) -> torch.Tensor:
+        """The reconstruction of ``images`` at the detector's image size, on CPU (for figures)."""
+        x = self._prepare(images, "images").to(self.device_)
+        with torch.no_grad():
+            return self._reconstruct(x).cpu()
+
+
 @register("ae", family="reconstruction", paper="Improving Unsupervised Defect Segmentation by Applying "
           "Structural Similarity to Autoencoders", year=2019, bibkey="bergmann2019ssim", localizes=True,
           trains=True, quick=dict(image_size=64, epochs=40))
-class AutoEncoder(Detector):
+class AutoEncoder(ReconstructionDetector):
     """Convolutional auto-encoder (L2, SSIM or MS-SSIM loss); residual map."""
 
     def __init__(self, loss: str = "l2", residual: str | None = None, latent_dim: int = 100, width: int = 32, image_size: int | None = 128,
@@ -107,11 +140,8 @@ class AutoEncoder(Detector):
         self.device = device
         self.seed = seed
 
-    def _build(self, meta: dict) -> None:
-        self.net_ = ConvAutoEncoder(meta["input_hw"][0], self.latent_dim, self.width)
-
     def _loss(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = self.net_(x)
+        x_hat = self._reconstruct(x)
         if self.loss == "l2":
             return F.mse_loss(x_hat, x)
         if self.loss == "ms_ssim":
@@ -125,21 +155,10 @@ class AutoEncoder(Detector):
             raise AnomalyZooError(f"unknown residual {self.residual!r}; use None (= the loss) or one of {', '.join(LOSSES)}")
         if self.image_score not in ("mean", "max"):
             raise AnomalyZooError(f"image_score must be 'mean' or 'max', got {self.image_score!r}")
-        if x.shape[-1] != x.shape[-2]:
-            raise AnomalyZooError(f"the auto-encoder needs square images, got {tuple(x.shape[-2:])}")
-        self._build(self.meta_)
-        self.meta_["history"] = fit_loop(self.net_, self._loss, x, epochs=self.epochs, batch_size=self.batch_size,
-                                         lr=self.lr, weight_decay=self.weight_decay, device=self.device_,
-                                         seed=self.seed, desc=f"ae[{self.loss}]", checkpoint=self.checkpoint)
-
-    def reconstruct(self, images) -> torch.Tensor:
-        """D(E(x)) at the detector's image size, on CPU (for figures)."""
-        x = self._prepare(images, "images").to(self.device_)
-        with torch.no_grad():
-            return self.net_(x).cpu()
+        self._train(x, self._loss, f"{self.name}[{self.loss}]")
 
     def _score(self, x: torch.Tensor):
-        maps = residual_map(x, self.net_(x), self.residual or self.loss)
+        maps = residual_map(x, self._reconstruct(x), self.residual or self.loss)
         if self.image_score == "mean":
             return maps.flatten(1).mean(1), maps
         return gaussian_blur(maps, self.sigma).flatten(1).amax(1), maps

@@ -21,18 +21,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...base import Detector
 from ...registry import register
-from ...training import fit_loop
 from ...utils import AnomalyZooError
-from .ae import ConvAutoEncoder
+from .ae import ReconstructionDetector, residual_map
 from .memory import Memory, addressing_entropy
 
 
 @register("memae", family="reconstruction", paper="Memorizing Normality to Detect Anomaly: Memory-augmented "
           "Deep Autoencoder for Unsupervised Anomaly Detection", year=2019, bibkey="gong2019memae",
           localizes=True, trains=True, quick=dict(image_size=64, epochs=40))
-class MemAE(Detector):
+class MemAE(ReconstructionDetector):
     """Auto-encoder whose code is rebuilt from a learned memory of normal codes (sparse attention)."""
 
     def __init__(self, memory_size: int = 100, shrink_threshold: float | None = None, entropy_weight: float = 2e-4,
@@ -56,7 +54,7 @@ class MemAE(Detector):
         self.seed = seed
 
     def _build(self, meta: dict) -> None:
-        self.net_ = ConvAutoEncoder(meta["input_hw"][0], self.latent_dim, self.width)
+        super()._build(meta)
         self.memory_ = Memory(self.memory_size, self.latent_dim, self.shrink_threshold, self.similarity)
 
     def forward_memory(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,21 +68,13 @@ class MemAE(Detector):
         return rec + self.entropy_weight * ent, {"entropy": ent.detach()}
 
     def _fit(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != x.shape[-2]:
-            raise AnomalyZooError(f"the auto-encoder needs square images, got {tuple(x.shape[-2:])}")
         if self.memory_size < 1:
             raise AnomalyZooError(f"memory_size must be at least 1, got {self.memory_size}")
-        self._build(self.meta_)
-        module = torch.nn.ModuleDict({"net": self.net_, "memory": self.memory_})
-        self.meta_["history"] = fit_loop(module, self._loss, x, epochs=self.epochs, batch_size=self.batch_size,
-                                         lr=self.lr, weight_decay=self.weight_decay, device=self.device_,
-                                         seed=self.seed, desc="memae", checkpoint=self.checkpoint)
+        self._train(x, self._loss, "memae")
 
-    def reconstruct(self, images) -> torch.Tensor:
-        """The reconstruction through the memory, at the detector's image size (CPU)."""
-        x = self._prepare(images, "images").to(self.device_)
-        with torch.no_grad():
-            return self.forward_memory(x)[0].cpu()
+    def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction through the memory (``reconstruct()`` shows it)."""
+        return self.forward_memory(x)[0]
 
     def addressing(self, images) -> torch.Tensor:
         """The shrunk addressing weights ``[N_images, memory_size]`` (CPU)."""
@@ -98,5 +88,5 @@ class MemAE(Detector):
             return self.net_.decoder(self.memory_.items[:, :, None, None]).cpu()
 
     def _score(self, x: torch.Tensor):
-        maps = (x - self.forward_memory(x)[0]).pow(2).mean(1)
+        maps = residual_map(x, self._reconstruct(x), "l2")
         return maps.flatten(1).mean(1), maps

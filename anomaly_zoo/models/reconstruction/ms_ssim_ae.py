@@ -29,12 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...base import Detector
 from ...registry import register
 from ...ssim import ms_ssim
-from ...training import fit_loop
 from ...utils import AnomalyZooError
-from .ae import ConvAutoEncoder
+from .ae import ReconstructionDetector
 
 
 def patches(x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
@@ -64,7 +62,7 @@ def region_map(x: torch.Tensor, y: torch.Tensor, size: int, stride: int) -> torc
 @register("ms_ssim_ae", family="reconstruction", paper="Constrained Contrastive Distribution Learning for "
           "Unsupervised Anomaly Detection and Localisation in Medical Images (MS-SSIM AE, eq. 7)", year=2021,
           bibkey="tian2021ccd", localizes=True, trains=True, quick=dict(image_size=64, epochs=40))
-class MSSSIMAutoEncoder(Detector):
+class MSSSIMAutoEncoder(ReconstructionDetector):
     """Auto-encoder trained and scored with global + local MS-SSIM (CCD eq. 7); region-wise maps."""
 
     def __init__(self, nu: float = 0.5, patch_size: int | None = None, stride: int | None = None,
@@ -86,9 +84,6 @@ class MSSSIMAutoEncoder(Detector):
         self.device = device
         self.seed = seed
 
-    def _build(self, meta: dict) -> None:
-        self.net_ = ConvAutoEncoder(meta["input_hw"][0], self.latent_dim, self.width)
-
     def _geometry(self) -> tuple[int, int]:
         """Region size (default: a quarter of the image side, at least the 11 px SSIM window) and stride."""
         side = self.meta_["input_hw"][0]
@@ -105,22 +100,10 @@ class MSSSIMAutoEncoder(Detector):
     def _fit(self, x: torch.Tensor) -> None:
         if not 0 <= self.nu <= 1:
             raise AnomalyZooError(f"nu must lie in [0, 1], got {self.nu}")
-        if x.shape[-1] != x.shape[-2]:
-            raise AnomalyZooError(f"the auto-encoder needs square images, got {tuple(x.shape[-2:])}")
         size, _ = self._geometry()
-        if not 11 <= size <= x.shape[-1]:
+        if not 11 <= size <= min(x.shape[-2:]):
             raise AnomalyZooError(f"patch_size must lie between 11 (the SSIM window) and the image size, got {size}")
-        self._build(self.meta_)
-        self.meta_["history"] = fit_loop(self.net_, lambda b: self.msi(b, self.net_(b)).mean(), x,
-                                         epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                                         weight_decay=self.weight_decay, device=self.device_, seed=self.seed,
-                                         desc="ms_ssim_ae", checkpoint=self.checkpoint)
-
-    def reconstruct(self, images) -> torch.Tensor:
-        """``x~`` at the detector's image size, on CPU (for figures)."""
-        x = self._prepare(images, "images").to(self.device_)
-        with torch.no_grad():
-            return self.net_(x).cpu()
+        self._train(x, lambda b: self.msi(b, self.net_(b)).mean(), "ms_ssim_ae")
 
     def _score(self, x: torch.Tensor):
         x_hat = self.net_(x)
