@@ -102,17 +102,24 @@ def test_digits_one_vs_rest_auroc():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured 2026-11-23, quick presets (unet_ae with skips at every resolution, "
-                   "lr 1e-3): pixel AUROC ae 0.761 vs unet_ae 0.886 on brick (0.732 vs 0.885 at dataset seed 1), "
-                   "but ae 0.749 vs unet_ae 0.587 on grass: the skips copy defects through on grass, not on brick "
-                   "(chapter 05 shows both)")
-def test_skip_connections_copy_defects_through(brick):
-    """The survey's point, measured: the same network with U-Net skips localises worse."""
-    px = {}
+def test_skip_connections_rebuild_better_and_the_detection_claim(brick):
+    """The survey's point, measured. Part one must hold: with the skips (the only difference) the
+    network rebuilds its training images far better (quick brick: train MSE 0.0014 against ae's
+    0.0031; the mean image's is 0.0066). Part two, "so it localises worse", is an expected failure
+    on brick: measured 2026-11-23 with the quick presets, pixel AUROC ae 0.802 vs unet_ae 0.903
+    (0.775 vs 0.884 at dataset seed 1), while on grass ae 0.720 vs unet_ae 0.668: the skips copy
+    defects through on grass, not on brick. Chapter 5 shows both."""
+    px, mse = {}, {}
     for name in ("ae", "unet_ae"):
-        pred = az.create(name, preset="quick").fit(brick.train_images).predict(brick.test_images)
-        px[name] = az.metrics.pixel_auroc(pred.maps, brick.test_masks)
-    assert px["unet_ae"] < px["ae"], px
+        det = az.create(name, preset="quick").fit(brick.train_images)
+        x = det._prepare(brick.train_images, "images")
+        mse[name] = float((det.reconstruct(brick.train_images) - x).pow(2).mean())
+        px[name] = az.metrics.pixel_auroc(det.predict(brick.test_images).maps, brick.test_masks)
+    mean_image_mse = float((x - x.mean(0, keepdim=True)).pow(2).mean())
+    assert mse["ae"] < 0.7 * mean_image_mse, f"ae rebuilds no better than the mean image: {mse}, {mean_image_mse:.4f}"
+    assert mse["unet_ae"] < 0.7 * mse["ae"], f"the skips do not help reconstruction: {mse}"
+    if px["unet_ae"] >= px["ae"]:
+        pytest.xfail(f"unet_ae does not localise worse than ae on brick: {px}")
 
 
 def test_unet_ae_has_a_skip_at_every_resolution():

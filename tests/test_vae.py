@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import anomaly_zoo as az
-from anomaly_zoo.models.vae.vae import kl_divergence, nll_map
+from anomaly_zoo.models.vae.vae import ConvVAE, kl_divergence, nll_map
 
 
 # ------------------------------------------------------------------ VAE (Kingma & Welling 2014)
@@ -91,6 +91,61 @@ def test_vae_prior_samples_and_codes(tiny):
     mu, logvar = det.encode(train)
     assert mu.shape == logvar.shape == (len(train), 2)
 
+
+# ------------------------------------------------------------------ posterior collapse: init and KL warm-up
+def test_kl_warmup_schedule_is_linear_from_zero_to_beta():
+    """Bowman et al. 2016 / Sønderby et al. 2016: the KL weight rises linearly from 0 at epoch 0 to
+    beta at epoch `warmup`, then stays at beta (the paper's ELBO for the rest of training)."""
+    det = az.create("vae", warmup=4)
+    assert [det.kl_weight(e) for e in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    det = az.create("vae", warmup=2, beta=0.5)
+    assert [det.kl_weight(e) for e in range(4)] == [0.0, 0.25, 0.5, 0.5]
+    assert [az.create("vae", beta=0.7).kl_weight(e) for e in (0, 5)] == [0.7, 0.7]  # warmup=0: off
+    with pytest.raises(az.AnomalyZooError, match="warmup"):
+        az.create("vae", preset="quick", epochs=1, warmup=-1).fit(torch.rand(4, 3, 32, 32))
+
+
+def test_training_steps_use_the_warmup_weight_of_their_epoch(monkeypatch):
+    det = az.create("vae", preset="quick", epochs=4, warmup=2, batch_size=4, latent_dim=4)
+    seen = []
+    weight = det.kl_weight
+    monkeypatch.setattr(det, "kl_weight", lambda e: seen.append(e) or weight(e))
+    det.fit(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
+    assert seen == [0, 0, 1, 1, 2, 2, 3, 3]  # two steps per epoch; weights 0, 0.5, 1, 1
+    # scoring uses the full -ELBO (beta = 1), whatever the schedule was
+    x = torch.rand(2, 3, 32, 32)
+    nll, kl = det.elbo_terms(det._prepare(x, "x"), det._eps(2, "cpu"))
+    assert torch.allclose(det.predict(x).scores, nll.flatten(1).sum(1) + kl, rtol=1e-5)
+
+
+def test_he_init_lets_the_code_reach_the_output():
+    """The cause of the quick preset's collapse: with PyTorch's default initialisation the 18 layers
+    shrink the signal, so that at the start neither does mu depend on x nor the output on z."""
+    g = torch.Generator().manual_seed(6)
+    x, z = torch.rand(16, 3, 32, 32, generator=g), torch.randn(16, 8, generator=g)
+    spread = {}
+    for init in ("he", "pytorch"):
+        torch.manual_seed(0)
+        net = ConvVAE(32, 8, init=init)
+        with torch.no_grad():
+            spread[init] = (float(net.encode(x)[0].var(0).mean()), float(net.decode(z).var(0).mean()))
+    assert spread["he"][0] > 1e-5 and spread["he"][1] > 1e-3, spread
+    assert spread["pytorch"][0] < 1e-7 and spread["pytorch"][1] < 1e-7, spread
+    with pytest.raises(az.AnomalyZooError, match="init"):
+        ConvVAE(32, 8, init="xavier")
+
+
+@pytest.mark.slow
+def test_quick_preset_uses_its_code_on_brick(brick):
+    """No posterior collapse on the quick textures: active units (Burda et al. 2016: the variance of
+    E_q[z_u] over the training images > 0.01) and a KL term above zero, both on TRAINING images."""
+    det = az.create("vae", preset="quick").fit(brick.train_images)
+    mu, logvar = det.encode(brick.train_images)
+    active = int((mu.var(0) > 0.01).sum())
+    kl = float(kl_divergence(mu, logvar).mean())
+    rec = det.reconstruct(brick.train_images)
+    assert active >= 16 and kl > 1.0, (active, kl)
+    assert float(rec.var(0).mean()) > 1e-4  # reconstructions differ from image to image
 
 
 # ------------------------------------------------------------------ the chapter's claim on data

@@ -7,7 +7,8 @@ reconstructed, the residual is large (the survey's reconstruction family).
 * Network (Bergmann et al. 2019, Table 1): strided 4x4 / 3x3 convolutions with
   LeakyReLU(0.2) down to an ``image_size/16`` grid, a last convolution to a
   ``latent_dim`` vector (100 in the paper), and the mirrored decoder with
-  transposed convolutions; a sigmoid keeps the output in [0, 1].
+  transposed convolutions; a sigmoid keeps the output in [0, 1]. He initialisation for the
+  LeakyReLU (the paper does not say; with PyTorch's default the code vanishes, see ``he_init_``).
 * Loss: ``loss="l2"``: the per-pixel squared error ||x - D(E(x))||^2 (their eq. 1);
   ``loss="ssim"``: 1 - SSIM(x, D(E(x))) averaged over pixels (their eq. 2-5,
   the library's one SSIM in ``anomaly_zoo.ssim``); ``loss="ms_ssim"``:
@@ -20,9 +21,13 @@ reconstructed, the residual is large (the survey's reconstruction family).
   reconstruction error, ``image_score="mean"``) or its maximum after Gaussian
   smoothing (``"max"``).
 
-The quick preset shortens training and uses 64 px images; the method is the same.
+The quick preset uses 64 px images and 60 epochs in batches of 8 (the paper's lr 2e-4 and
+weight decay 1e-5); chosen on the training error alone: on brick's 60 quick training crops it
+falls to 0.0031, less than half the error of the mean training image (0.0066). The method is the same.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +50,18 @@ def _block(cin, cout, k, s, transpose=False):
 
 
 class ConvAutoEncoder(nn.Module):
-    """Bergmann et al.'s encoder/decoder; ``width`` scales the channel counts (32 in the paper)."""
+    """Bergmann et al.'s encoder/decoder; ``width`` scales the channel counts (32 in the paper).
 
-    def __init__(self, image_size: int = 128, latent_dim: int = 100, width: int = 32, channels: int = 3):
+    ``init="he"``: He initialisation (``he_init_``); ``"pytorch"``: PyTorch's default, to show why not.
+    """
+
+    def __init__(self, image_size: int = 128, latent_dim: int = 100, width: int = 32, channels: int = 3,
+                 init: str = "he"):
         super().__init__()
         if image_size % 16:
             raise AnomalyZooError(f"image_size must be a multiple of 16, got {image_size}")
+        if init not in ("he", "pytorch"):
+            raise AnomalyZooError(f"init must be 'he' or 'pytorch', got {init!r}")
         w, g = width, image_size // 16
         self.encoder = nn.Sequential(
             _block(channels, w, 4, 2), _block(w, w, 4, 2), _block(w, w, 3, 1),
@@ -66,8 +77,30 @@ class ConvAutoEncoder(nn.Module):
             nn.ConvTranspose2d(w, channels, 4, 2, 1), nn.Sigmoid(),
         )
 
+        for m in self.modules():
+            if init == "he" and isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                he_init_(m)
+
     def forward(self, x):
         return self.decoder(self.encoder(x))
+
+
+def he_init_(conv: nn.Conv2d | nn.ConvTranspose2d, slope: float = 0.2) -> None:
+    """He et al. (2015) initialisation for LeakyReLU(``slope``): weights ``N(0, 2 / ((1 + slope^2) fan_in))``,
+    zero bias, where ``fan_in`` is the number of inputs that reach one output (for a transposed
+    convolution with stride ``s``: ``in_channels * k^2 / s^2``). It keeps the signal's variance
+    constant through the layers. PyTorch's default (uniform, with the gain of a slope of sqrt(5))
+    shrinks it about threefold per layer: through the nine encoder layers the code of every image is
+    the same to 1e-5, the decoder learns the mean training image and the encoder never recovers
+    (measured on the quick brick crops; the VAE's code collapses the same way).
+    """
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    if isinstance(conv, nn.ConvTranspose2d):
+        fan_in = conv.in_channels * k / (conv.stride[0] * conv.stride[1])
+    else:
+        fan_in = conv.in_channels * k
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / ((1 + slope**2) * fan_in)))
+    nn.init.zeros_(conv.bias)
 
 
 def residual_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
@@ -116,7 +149,7 @@ class ReconstructionDetector(Detector):
 
 @register("ae", family="reconstruction", paper="Improving Unsupervised Defect Segmentation by Applying "
           "Structural Similarity to Autoencoders", year=2019, bibkey="bergmann2019ssim", localizes=True,
-          trains=True, quick=dict(image_size=64, epochs=40))
+          trains=True, quick=dict(image_size=64, epochs=60, batch_size=8))
 class AutoEncoder(ReconstructionDetector):
     """Convolutional auto-encoder (L2, SSIM or MS-SSIM loss); residual map."""
 

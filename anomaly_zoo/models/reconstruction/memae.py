@@ -29,7 +29,7 @@ from .memory import Memory, addressing_entropy
 
 @register("memae", family="reconstruction", paper="Memorizing Normality to Detect Anomaly: Memory-augmented "
           "Deep Autoencoder for Unsupervised Anomaly Detection", year=2019, bibkey="gong2019memae",
-          localizes=True, trains=True, quick=dict(image_size=64, epochs=40))
+          localizes=True, trains=True, quick=dict(image_size=64, epochs=60, batch_size=8))
 class MemAE(ReconstructionDetector):
     """Auto-encoder whose code is rebuilt from a learned memory of normal codes (sparse attention)."""
 

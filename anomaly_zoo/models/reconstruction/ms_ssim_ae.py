@@ -61,7 +61,7 @@ def region_map(x: torch.Tensor, y: torch.Tensor, size: int, stride: int) -> torc
 
 @register("ms_ssim_ae", family="reconstruction", paper="Constrained Contrastive Distribution Learning for "
           "Unsupervised Anomaly Detection and Localisation in Medical Images (MS-SSIM AE, eq. 7)", year=2021,
-          bibkey="tian2021ccd", localizes=True, trains=True, quick=dict(image_size=64, epochs=40))
+          bibkey="tian2021ccd", localizes=True, trains=True, quick=dict(image_size=64, epochs=60, batch_size=8))
 class MSSSIMAutoEncoder(ReconstructionDetector):
     """Auto-encoder trained and scored with global + local MS-SSIM (CCD eq. 7); region-wise maps."""
 
