@@ -78,7 +78,11 @@ def fit_loop(
     module.to(device).train()
     params = [p for p in (params if params is not None else module.parameters()) if p.requires_grad]
     opt = _optimizer(optimizer, params, lr, weight_decay)
-    steps_per_epoch = max(1, -(-n // batch_size))
+    # batch boundaries; a trailing batch of one image joins the one before (batch norm needs two)
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    steps_per_epoch = len(starts)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch) if cosine else None
     gen = torch.Generator().manual_seed(seed)
     use_amp = amp and device.type == "cuda"
@@ -89,8 +93,8 @@ def fit_loop(
     for epoch in bar:
         order = torch.randperm(n, generator=gen)
         total, count = 0.0, 0
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
+        for i, j in zip(starts, [*starts[1:], n]):
+            idx = order[i:j]
             batch = tuple(t[idx].to(device, non_blocking=True) for t in tensors)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 out = step(batch if isinstance(data, tuple) else batch[0])

@@ -133,3 +133,18 @@ def test_fit_loop_reports_divergence():
     with pytest.raises(AnomalyZooError, match="lower the learning rate"):
         fit_loop(net, lambda b: net(b).sum() * float("inf"), torch.ones(4, 2), epochs=1, batch_size=2, lr=1.0,
                  progress=False)
+
+
+def test_fit_loop_never_makes_a_batch_of_one():
+    """A trailing single image joins the batch before it (batch norm cannot train on one image)."""
+    from anomaly_zoo.training import fit_loop
+
+    sizes = []
+    net = torch.nn.Linear(2, 1)
+    fit_loop(net, lambda b: (sizes.append(len(b)), net(b).pow(2).mean())[1], torch.ones(17, 2), epochs=2,
+             batch_size=8, lr=0.1, progress=False)
+    assert sizes == [8, 9, 8, 9]
+    sizes.clear()
+    fit_loop(net, lambda b: (sizes.append(len(b)), net(b).pow(2).mean())[1], torch.ones(18, 2), epochs=1,
+             batch_size=8, lr=0.1, progress=False)
+    assert sizes == [8, 8, 2]

@@ -136,3 +136,16 @@ def test_unet_ae_has_a_skip_at_every_resolution():
             net.fuse.weight[c, 3 + c, 1, 1] = 1.0  # input channel c -> output channel c, centre tap
         x = torch.rand(2, 3, 32, 32)
         assert torch.allclose(net(x), torch.sigmoid(x), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_memae_addressing_is_sparse_and_not_collapsed(brick):
+    """Measured on training images: many items in use, few per image, reconstructions that differ
+    (without the code's batch norm every image read the same single item with weight 1)."""
+    det = az.create("memae", preset="quick").fit(brick.train_images)
+    w = det.addressing(brick.train_images)
+    used, per_image = int((w.sum(0) > 0).sum()), float((w > 0).sum(1).float().mean())
+    assert used >= 10 and per_image <= 20, (used, per_image)
+    assert float(det.reconstruct(brick.train_images).std(0).mean()) > 0.01
+    with pytest.raises(az.AnomalyZooError, match="at least 2 training images"):
+        az.create("memae", preset="quick", epochs=1).fit(brick.train_images[:1])
