@@ -18,8 +18,8 @@ import pandas as pd
 
 from . import data as azdata
 from . import metrics
-from .registry import create, get_card
-from .utils import AnomalyZooError, resolve_device, set_seed
+from .factory import create, get_card
+from .utils import AnomalyZooError, progress_enabled, resolve_device, set_seed
 
 COLUMNS = ["model", "dataset", "category", "image_auroc", "pixel_auroc", "aupro", "image_ap", "image_f1_max",
            "fit_s", "predict_ips", "peak_rss_mb", "device"]
@@ -50,7 +50,7 @@ def run_one(name: str, ds, *, quick: bool = True, device: str = "auto", seed: in
 
 
 def run(models, dataset: str = "textures", categories=None, *, quick: bool = True, device: str = "auto",
-        seed: int = 0, root=None, progress: bool = True) -> pd.DataFrame:
+        seed: int = 0, root=None, progress: bool | None = None) -> pd.DataFrame:
     """Benchmark every model on every category of ``dataset``; returns a DataFrame (one row each)."""
     from tqdm.auto import tqdm
 
@@ -66,7 +66,7 @@ def run(models, dataset: str = "textures", categories=None, *, quick: bool = Tru
                                   + ("; pass root= (the folder holding the MVTec categories)" if dataset == "mvtec" else ""))
     rows = []
     jobs = [(c, m) for c in categories for m in models]
-    for cat, name in tqdm(jobs, desc="bench", disable=not progress):
+    for cat, name in tqdm(jobs, desc="bench", disable=not (progress_enabled() if progress is None else progress)):
         ds = azdata.load(dataset, **_load_kw(dataset, cat, quick, seed, root))
         rows.append(run_one(name, ds, quick=quick, device=device, seed=seed))
     df = pd.DataFrame(rows)

@@ -117,3 +117,16 @@ def env_flag(name: str, default: bool = False) -> bool:
     if val is None or val == "":
         return default
     return val.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def progress_enabled() -> bool:
+    """Whether to show progress bars: someone is watching (a terminal or a Jupyter kernel) and
+    ``AZOO_NO_PROGRESS`` is not set. CI logs and piped output stay quiet."""
+    if env_flag("AZOO_NO_PROGRESS"):
+        return False
+    import sys
+
+    if "ipykernel" in sys.modules:
+        return True
+    stream = getattr(sys, "stderr", None)
+    return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())

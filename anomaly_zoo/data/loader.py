@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import AnomalyZooError, env_flag
+from ..utils import AnomalyZooError, env_flag, progress_enabled
 from . import cache, digits, mvtec, phantom, textures
 from .core import AnomalyDataset, data_root
 
@@ -170,7 +170,7 @@ def make(
     cats = [_check_category(name, gen, c) for c in categories]
     quick, seed = _check_quick(quick), _check_seed(seed)
     if progress is None:
-        progress = not env_flag("AZOO_NO_PROGRESS", False)
+        progress = progress_enabled()
     paths = []
     for category in tqdm(cats, desc=f"{name}{' (quick)' if quick else ''}", unit="category", disable=not progress):
         paths.append(_ensure(name, category, quick, seed, root, force=force))

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from ...backbones import create_backbone
 from ...base import Detector
 from ...ops import gaussian_blur, upsample
+from ...params import Param
 from ...registry import register
 from ...utils import AnomalyZooError
 from .common import embed, extract
@@ -86,21 +87,15 @@ class DFM(Detector):
 
     predict_batch_size = 16
 
-    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, layers=None,
-                 pooling_kernel_size: int = 4, pca_level: float = 0.97, score_type: str = "fre", sigma: float = 4.0,
-                 image_size: int | None = 256, weights: str | None = None, device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.backbone = backbone
-        self.pretrained = pretrained
-        self.layers = layers
-        self.pooling_kernel_size = pooling_kernel_size
-        self.pca_level = pca_level
-        self.score_type = score_type
-        self.sigma = sigma
-        self.image_size = image_size
-        self.weights = weights
-        self.device = device
-        self.seed = seed
+    backbone = Param("efficientnet_lite0", str)
+    pretrained = Param(True, bool)
+    layers = Param(None, object, none=True)
+    pooling_kernel_size = Param(4, int)
+    pca_level = Param(0.97, float)
+    score_type = Param("fre", str)
+    sigma = Param.sigma(4.0)
+    image_size = Param.image_size(256)
+    weights = Param(None, str, none=True)
 
     def _build(self, meta: dict) -> None:
         if self.layers is None and self.backbone not in DFM_LAYERS:

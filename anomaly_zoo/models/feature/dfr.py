@@ -48,6 +48,7 @@ from torch import nn
 from ...backbones import create_backbone
 from ...base import Detector
 from ...ops import gaussian_blur, upsample
+from ...params import Param
 from ...registry import register
 from ...training import fit_loop
 from ...utils import AnomalyZooError
@@ -94,26 +95,18 @@ class DFR(Detector):
 
     predict_batch_size = 8  # the resized maps of 256 px images are large
 
-    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, layers=None,
-                 region_size: int = 4, latent_dim: int | None = None, pca_level: float = 0.9, epochs: int = 150,
-                 batch_size: int = 4, lr: float = 1e-4, sigma: float = 0.0, image_size: int | None = 256,
-                 checkpoint: str | None = None, weights: str | None = None, device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.backbone = backbone
-        self.pretrained = pretrained
-        self.layers = layers
-        self.region_size = region_size
-        self.latent_dim = latent_dim
-        self.pca_level = pca_level
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.sigma = sigma
-        self.image_size = image_size
-        self.checkpoint = checkpoint
-        self.weights = weights
-        self.device = device
-        self.seed = seed
+    backbone = Param("efficientnet_lite0", str)
+    pretrained = Param(True, bool)
+    layers = Param(None, object, none=True)
+    region_size = Param(4, int)
+    latent_dim = Param(None, int, none=True)
+    pca_level = Param(0.9, float)
+    epochs = Param.epochs(150)
+    batch_size = Param.batch_size(4)
+    lr = Param.lr(1e-4)
+    sigma = Param.sigma(0.0)
+    image_size = Param.image_size(256)
+    weights = Param(None, str, none=True)
 
     # the networks: a frozen extractor, and the CAE once its sizes are known
     def _build(self, meta: dict) -> None:

@@ -24,71 +24,56 @@ from __future__ import annotations
 
 import torch
 
-from ...backbones import DEFAULT_LAYERS, create_backbone
-from ...base import Detector
+from ...base import FeatureDetector
 from ...ops import gaussian_blur, upsample
+from ...params import Param, bad
 from ...registry import register
 from .common import embed
 
 
 @register("padim", family="feature", paper="PaDiM: a Patch Distribution Modeling Framework for Anomaly "
           "Detection and Localization", year=2021, bibkey="defard2021padim", localizes=True, trains=False,
-          quick=dict(image_size=128))
-class PaDiM(Detector):
+          quick=dict(image_size=128),
+          deviations=("backbone: EfficientNet-Lite0 taps at strides 4, 8, 16 (stage2/3/5, 176 channels) instead "
+                      "of ResNet18 layers 1-3 (448 channels) or WRN50-2",
+                      "images resized to image_size without the paper's 256 -> 224 centre crop"))
+class PaDiM(FeatureDetector):
     """Per-position Gaussian of pretrained CNN features; Mahalanobis distance map."""
 
-    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, layers=None,
-                 n_features: int = 100, eps: float = 0.01, sigma: float = 4.0, image_size: int | None = 256,
-                 weights: str | None = None, device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.backbone = backbone
-        self.pretrained = pretrained
-        self.layers = layers
-        self.n_features = n_features
-        self.eps = eps
-        self.sigma = sigma
-        self.image_size = image_size
-        self.weights = weights
-        self.device = device
-        self.seed = seed
-
-    # the network: a frozen feature extractor
-    def _build(self, meta: dict) -> None:
-        layers = list(self.layers or DEFAULT_LAYERS[self.backbone])
-        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained, layers=layers,
-                                          weights=self.weights)
-        self.layers_ = layers
+    n_features = Param(100, int, low=1, help="channels kept at random (Sec. III-C)")
+    eps = Param(0.01, float, low=0, low_open=True, help="ridge added to each covariance (eq. 1)")
+    sigma = Param.sigma(4.0)
+    image_size = Param.image_size(256)
 
     @torch.no_grad()
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, d, h*w]: the randomly reduced multi-scale embedding."""
         e = embed(self.extractor_(x), self.layers_)
-        e = e.index_select(1, self.channel_idx_)
-        return e.flatten(2)
+        return e.index_select(1, self.channel_idx_).flatten(2)
 
     # learning: eq. (1)
     def _fit(self, x: torch.Tensor) -> None:
-        self._build(self.meta_)
-        self.extractor_.to(self.device_)
         total = sum(self.extractor_.channels[name] for name in self.layers_)
         if self.n_features > total:
-            raise ValueError(f"n_features={self.n_features} but the layers {self.layers_} give only {total} channels")
+            raise bad(self.name, "n_features", self.n_features, f"an integer from 1 to {total} (the channels of "
+                      f"the taps {', '.join(self.layers_)})")
         gen = torch.Generator().manual_seed(self.seed)
         idx = torch.randperm(total, generator=gen)[: self.n_features].sort().values
         self.register_buffer("channel_idx_", idx.to(self.device_))
-        n, s, ss = 0, 0.0, 0.0
+        if len(x) < 2:
+            raise bad(self.name, "train images", len(x), "at least 2 images (a covariance needs two)")
+        # first and second moments, accumulated in float64 over batches: [d, P] and [P, d, d]
+        s, ss = 0.0, 0.0
         for i in range(0, len(x), self.predict_batch_size):
             e = self._embed(x[i : i + self.predict_batch_size].to(self.device_)).double()  # [B, d, P]
-            n += len(e)
             s = s + e.sum(0)
             ss = ss + torch.einsum("bdp,bep->pde", e, e)
-        if n < 2:
-            raise ValueError("PaDiM needs at least 2 training images to estimate a covariance")
-        mean = s / n  # [d, P]
+        n = len(x)
+        mean = s / n
         cov = (ss - n * torch.einsum("dp,ep->pde", mean, mean)) / (n - 1)
         cov += self.eps * torch.eye(self.n_features, dtype=cov.dtype, device=cov.device)
         h, w = self.extractor_(x[:1].to(self.device_))[self.layers_[0]].shape[-2:]
-        self.meta_["grid"] = [int(h), int(w)]
+        self.shapes_["grid"] = [int(h), int(w)]
         self.register_buffer("mean_", mean.float())
         self.register_buffer("cov_inv_", torch.linalg.inv(cov).float())  # [P, d, d]
 
@@ -96,6 +81,6 @@ class PaDiM(Detector):
     def _score(self, x: torch.Tensor):
         delta = self._embed(x) - self.mean_  # [B, d, P]
         dist = torch.einsum("bdp,pde,bep->bp", delta, self.cov_inv_, delta).clamp_min(0).sqrt()
-        maps = dist.view(len(x), *self.meta_["grid"])
+        maps = dist.view(len(x), *self.shapes_["grid"])
         maps = gaussian_blur(upsample(maps, x.shape[-2:]), self.sigma)
         return maps.flatten(1).amax(1), maps

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from ...backbones import create_backbone
 from ...base import Detector
 from ...ops import gaussian_blur, upsample
+from ...params import Param
 from ...registry import register
 from ...utils import AnomalyZooError
 from .common import MAX_ELEMENTS, embed, extract, knn, one_thread_on_cpu
@@ -143,24 +144,17 @@ class PatchCore(Detector):
 
     predict_batch_size = 16  # 256 px backbone activations stay well under a GB
 
-    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, layers=None,
-                 patch_size: int = 3, coreset_ratio: float = 0.1, proj_dim: int | None = 128, num_neighbors: int = 9,
-                 sigma: float = 4.0, image_size: int | None = 256, max_elements: int = MAX_ELEMENTS,
-                 weights: str | None = None, device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.backbone = backbone
-        self.pretrained = pretrained
-        self.layers = layers
-        self.patch_size = patch_size
-        self.coreset_ratio = coreset_ratio
-        self.proj_dim = proj_dim
-        self.num_neighbors = num_neighbors
-        self.sigma = sigma
-        self.image_size = image_size
-        self.max_elements = max_elements
-        self.weights = weights
-        self.device = device
-        self.seed = seed
+    backbone = Param("efficientnet_lite0", str)
+    pretrained = Param(True, bool)
+    layers = Param(None, object, none=True)
+    patch_size = Param(3, int)
+    coreset_ratio = Param(0.1, float)
+    proj_dim = Param(128, int, none=True)
+    num_neighbors = Param(9, int)
+    sigma = Param.sigma(4.0)
+    image_size = Param.image_size(256)
+    max_elements = Param(MAX_ELEMENTS, int)
+    weights = Param(None, str, none=True)
 
     # the network: a frozen feature extractor
     def _build(self, meta: dict) -> None:

@@ -49,6 +49,7 @@ import torch
 from ...backbones import DEFAULT_LAYERS, create_backbone
 from ...base import Detector
 from ...ops import gaussian_blur, upsample
+from ...params import Param
 from ...registry import register
 from ...utils import AnomalyZooError
 from .common import MAX_ELEMENTS, embed, knn, pooled_head
@@ -66,23 +67,16 @@ class SPADE(Detector):
 
     predict_batch_size = 16
 
-    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, layers=None,
-                 k_images: int = 50, k_pixels: int = 1, image_score: str = "knn", sigma: float = 4.0,
-                 image_size: int | None = 256,
-                 max_elements: int = MAX_ELEMENTS, weights: str | None = None, device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.backbone = backbone
-        self.pretrained = pretrained
-        self.layers = layers
-        self.k_images = k_images
-        self.k_pixels = k_pixels
-        self.image_score = image_score
-        self.sigma = sigma
-        self.image_size = image_size
-        self.max_elements = max_elements
-        self.weights = weights
-        self.device = device
-        self.seed = seed
+    backbone = Param("efficientnet_lite0", str)
+    pretrained = Param(True, bool)
+    layers = Param(None, object, none=True)
+    k_images = Param(50, int)
+    k_pixels = Param(1, int)
+    image_score = Param("knn", str)
+    sigma = Param.sigma(4.0)
+    image_size = Param.image_size(256)
+    max_elements = Param(MAX_ELEMENTS, int)
+    weights = Param(None, str, none=True)
 
     # the network: a frozen extractor tapping the pyramid and the last stage
     def _build(self, meta: dict) -> None:

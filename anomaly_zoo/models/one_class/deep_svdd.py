@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base import Detector
+from ...params import Param
 from ...registry import register
 from ...training import fit_loop
 from ...utils import AnomalyZooError
@@ -100,29 +101,20 @@ def init_center(z: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
 class DeepSVDD(Detector):
     """Deep SVDD: bias-free CNN, fixed centre, squared distance to the centre."""
 
-    def __init__(self, objective: str = "one-class", nu: float = 0.1, rep_dim: int = 32, channels=(8, 4),
-                 image_size: int | None = 32, epochs: int = 150, pretrain_epochs: int = 250, batch_size: int = 200,
-                 lr: float = 1e-4, weight_decay: float = 5e-7, warm_up: int = 10, eps: float = 0.1,
-                 bias: bool = False, learn_center: bool = False, checkpoint: str | None = None,
-                 device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.objective = objective
-        self.nu = nu
-        self.rep_dim = rep_dim
-        self.channels = channels
-        self.image_size = image_size
-        self.epochs = epochs
-        self.pretrain_epochs = pretrain_epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.warm_up = warm_up
-        self.eps = eps
-        self.bias = bias
-        self.learn_center = learn_center
-        self.checkpoint = checkpoint
-        self.device = device
-        self.seed = seed
+    objective = Param("one-class", str)
+    nu = Param(0.1, float)
+    rep_dim = Param(32, int)
+    channels = Param((8, 4), tuple)
+    image_size = Param.image_size(32)
+    epochs = Param.epochs(150)
+    pretrain_epochs = Param(250, int)
+    batch_size = Param.batch_size(200)
+    lr = Param.lr(1e-4)
+    weight_decay = Param.weight_decay(5e-7)
+    warm_up = Param(10, int)
+    eps = Param(0.1, float)
+    bias = Param(False, bool)
+    learn_center = Param(False, bool)
 
     def _build(self, meta: dict) -> None:
         h, w = meta["input_hw"]

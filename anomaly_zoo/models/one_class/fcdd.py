@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...backbones import _LITE0_STAGES, create_backbone
+from ...backbones import create_backbone
+from ...backbones.efficientnet import _LITE0_STAGES
 from ...base import Detector
+from ...params import Param
 from ...registry import register
 from ...synthesis import KINDS, synthesize
 from ...training import fit_loop
@@ -144,28 +146,19 @@ class FCDDHead(nn.Module):
 class FCDD(Detector):
     """Fully convolutional data description: pseudo-Huber heatmaps, confetti outliers, Gaussian upsampling."""
 
-    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, layers: str = "stage3",
-                 weights: str | None = None, hidden: int = 128, image_size: int | None = 224, epochs: int = 200,
-                 batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 1e-6, synthesis: str = "confetti",
-                 p_anomalous: float = 0.5, gauss_std: float = 12.0, checkpoint: str | None = None,
-                 device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.backbone = backbone
-        self.pretrained = pretrained
-        self.layers = layers
-        self.weights = weights
-        self.hidden = hidden
-        self.image_size = image_size
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.synthesis = synthesis
-        self.p_anomalous = p_anomalous
-        self.gauss_std = gauss_std
-        self.checkpoint = checkpoint
-        self.device = device
-        self.seed = seed
+    backbone = Param("efficientnet_lite0", str)
+    pretrained = Param(True, bool)
+    layers = Param("stage3", str)
+    weights = Param(None, str, none=True)
+    hidden = Param(128, int)
+    image_size = Param.image_size(224)
+    epochs = Param.epochs(200)
+    batch_size = Param.batch_size(16)
+    lr = Param.lr(1e-3)
+    weight_decay = Param.weight_decay(1e-6)
+    synthesis = Param("confetti", str)
+    p_anomalous = Param(0.5, float)
+    gauss_std = Param(12.0, float)
 
     def _build(self, meta: dict) -> None:
         tap = self.layers if isinstance(self.layers, str) else list(self.layers)[-1]

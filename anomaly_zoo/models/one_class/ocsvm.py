@@ -32,6 +32,7 @@ import torch
 
 from ...backbones import create_backbone
 from ...base import Detector
+from ...params import Param
 from ...registry import register
 
 #: taps pooled by default: the mid (stride 8) and the deepest tapped stage (stride 16) of Lite0
@@ -60,19 +61,13 @@ def decision_function(z: torch.Tensor, support: torch.Tensor, dual_coef: torch.T
 class OCSVM(Detector):
     """One-class SVM (RBF kernel, median-heuristic gamma) on pooled pretrained CNN features."""
 
-    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, layers=None,
-                 nu: float = 0.1, gamma: float | None = None, image_size: int | None = 224,
-                 weights: str | None = None, device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.backbone = backbone
-        self.pretrained = pretrained
-        self.layers = layers
-        self.nu = nu
-        self.gamma = gamma
-        self.image_size = image_size
-        self.weights = weights
-        self.device = device
-        self.seed = seed
+    backbone = Param("efficientnet_lite0", str)
+    pretrained = Param(True, bool)
+    layers = Param(None, object, none=True)
+    nu = Param(0.1, float)
+    gamma = Param(None, float, none=True)
+    image_size = Param.image_size(224)
+    weights = Param(None, str, none=True)
 
     def _build(self, meta: dict) -> None:
         layers = list(self.layers or DEFAULT_TAPS.get(self.backbone, ()))

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base import Detector
+from ...params import Param
 from ...registry import register
 from ...training import fit_loop
 from ...utils import AnomalyZooError
@@ -163,24 +164,16 @@ class PatchSVDD(Detector):
 
     predict_batch_size = 8
 
-    def __init__(self, patch_size: int = 64, dim: int = 64, lam: float = 1.0, image_size: int | None = 256,
-                 strides=(16, 4), epochs: int = 300, pairs_per_image: int = 100, batch_size: int = 64,
-                 lr: float = 1e-4, rgb_jitter: float = 0.01, checkpoint: str | None = None, device: str = "auto",
-                 seed: int = 0):
-        super().__init__()
-        self.patch_size = patch_size
-        self.dim = dim
-        self.lam = lam
-        self.image_size = image_size
-        self.strides = strides
-        self.epochs = epochs
-        self.pairs_per_image = pairs_per_image
-        self.batch_size = batch_size
-        self.lr = lr
-        self.rgb_jitter = rgb_jitter
-        self.checkpoint = checkpoint
-        self.device = device
-        self.seed = seed
+    patch_size = Param(64, int)
+    dim = Param(64, int)
+    lam = Param(1.0, float)
+    image_size = Param.image_size(256)
+    strides = Param((16, 4), tuple)
+    epochs = Param.epochs(300)
+    pairs_per_image = Param(100, int)
+    batch_size = Param.batch_size(64)
+    lr = Param.lr(1e-4)
+    rgb_jitter = Param(0.01, float)
 
     def _build(self, meta: dict) -> None:
         if self.patch_size not in (32, 64):

@@ -35,6 +35,7 @@ from torch import nn
 
 from ...base import Detector
 from ...ops import gaussian_blur
+from ...params import Param
 from ...registry import register
 from ...ssim import ms_ssim, ms_ssim_map, ssim_map
 from ...training import fit_loop
@@ -153,25 +154,17 @@ class ReconstructionDetector(Detector):
 class AutoEncoder(ReconstructionDetector):
     """Convolutional auto-encoder (L2, SSIM or MS-SSIM loss); residual map."""
 
-    def __init__(self, loss: str = "l2", residual: str | None = None, latent_dim: int = 100, width: int = 32, image_size: int | None = 128,
-                 epochs: int = 200, batch_size: int = 16, lr: float = 2e-4, weight_decay: float = 1e-5,
-                 image_score: str = "mean", sigma: float = 4.0, checkpoint: str | None = None,
-                 device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.loss = loss
-        self.residual = residual
-        self.latent_dim = latent_dim
-        self.width = width
-        self.image_size = image_size
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.image_score = image_score
-        self.sigma = sigma
-        self.checkpoint = checkpoint
-        self.device = device
-        self.seed = seed
+    loss = Param("l2", str)
+    residual = Param(None, str, none=True)
+    latent_dim = Param(100, int)
+    width = Param(32, int)
+    image_size = Param.image_size(128)
+    epochs = Param.epochs(200)
+    batch_size = Param.batch_size(16)
+    lr = Param.lr(2e-4)
+    weight_decay = Param.weight_decay(1e-5)
+    image_score = Param("mean", str)
+    sigma = Param.sigma(4.0)
 
     def _loss(self, x: torch.Tensor) -> torch.Tensor:
         x_hat = self._reconstruct(x)

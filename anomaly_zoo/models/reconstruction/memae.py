@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...params import Param
 from ...registry import register
 from ...utils import AnomalyZooError
 from .ae import ReconstructionDetector, residual_map
@@ -39,25 +40,17 @@ from .memory import Memory, addressing_entropy
 class MemAE(ReconstructionDetector):
     """Auto-encoder whose code is rebuilt from a learned memory of normal codes (sparse attention)."""
 
-    def __init__(self, memory_size: int = 100, shrink_threshold: float | None = None, entropy_weight: float = 2e-4,
-                 similarity: str = "dot", latent_dim: int = 100, width: int = 32, image_size: int | None = 128,
-                 epochs: int = 200, batch_size: int = 16, lr: float = 2e-4, weight_decay: float = 1e-5,
-                 checkpoint: str | None = None, device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.memory_size = memory_size
-        self.shrink_threshold = shrink_threshold
-        self.entropy_weight = entropy_weight
-        self.similarity = similarity
-        self.latent_dim = latent_dim
-        self.width = width
-        self.image_size = image_size
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.checkpoint = checkpoint
-        self.device = device
-        self.seed = seed
+    memory_size = Param(100, int)
+    shrink_threshold = Param(None, float, none=True)
+    entropy_weight = Param(2e-4, float)
+    similarity = Param("dot", str)
+    latent_dim = Param(100, int)
+    width = Param(32, int)
+    image_size = Param.image_size(128)
+    epochs = Param.epochs(200)
+    batch_size = Param.batch_size(16)
+    lr = Param.lr(2e-4)
+    weight_decay = Param.weight_decay(1e-5)
 
     def _build(self, meta: dict) -> None:
         super()._build(meta)

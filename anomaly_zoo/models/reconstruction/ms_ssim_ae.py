@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...params import Param
 from ...registry import register
 from ...ssim import ms_ssim
 from ...utils import AnomalyZooError
@@ -65,24 +66,16 @@ def region_map(x: torch.Tensor, y: torch.Tensor, size: int, stride: int) -> torc
 class MSSSIMAutoEncoder(ReconstructionDetector):
     """Auto-encoder trained and scored with global + local MS-SSIM (CCD eq. 7); region-wise maps."""
 
-    def __init__(self, nu: float = 0.5, patch_size: int | None = None, stride: int | None = None,
-                 latent_dim: int = 100, width: int = 32, image_size: int | None = 128, epochs: int = 200,
-                 batch_size: int = 16, lr: float = 2e-4, weight_decay: float = 1e-5, checkpoint: str | None = None,
-                 device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.nu = nu
-        self.patch_size = patch_size
-        self.stride = stride
-        self.latent_dim = latent_dim
-        self.width = width
-        self.image_size = image_size
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.checkpoint = checkpoint
-        self.device = device
-        self.seed = seed
+    nu = Param(0.5, float)
+    patch_size = Param(None, int, none=True)
+    stride = Param(None, int, none=True)
+    latent_dim = Param(100, int)
+    width = Param(32, int)
+    image_size = Param.image_size(128)
+    epochs = Param.epochs(200)
+    batch_size = Param.batch_size(16)
+    lr = Param.lr(2e-4)
+    weight_decay = Param.weight_decay(1e-5)
 
     def _geometry(self) -> tuple[int, int]:
         """Region size (default: a quarter of the image side, at least the 11 px SSIM window) and stride."""

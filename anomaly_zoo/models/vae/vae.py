@@ -93,6 +93,7 @@ from torch import nn
 
 from ...base import Detector
 from ...ops import gaussian_blur
+from ...params import Param
 from ...registry import register
 from ...training import fit_loop
 from ...utils import AnomalyZooError
@@ -143,31 +144,22 @@ def nll_map(x: torch.Tensor, logits: torch.Tensor, likelihood: str, x_var: float
 class VAE(Detector):
     """Variational auto-encoder: score -ELBO (or its reconstruction term); reconstruction or gradient maps."""
 
-    def __init__(self, latent_dim: int = 32, likelihood: str = "gaussian", x_var: float = 0.05, beta: float = 1.0,
-                 warmup: int = 0, init: str = "he", score: str = "elbo", map: str = "recon", score_samples: int = 4, sigma: float = 2.0,
-                 width: int = 32, image_size: int | None = 128, epochs: int = 200, batch_size: int = 16,
-                 lr: float = 5e-4, weight_decay: float = 0.0, checkpoint: str | None = None,
-                 device: str = "auto", seed: int = 0):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.likelihood = likelihood
-        self.x_var = x_var
-        self.beta = beta
-        self.warmup = warmup
-        self.init = init
-        self.score = score
-        self.map = map
-        self.score_samples = score_samples
-        self.sigma = sigma
-        self.width = width
-        self.image_size = image_size
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.checkpoint = checkpoint
-        self.device = device
-        self.seed = seed
+    latent_dim = Param(32, int)
+    likelihood = Param("gaussian", str)
+    x_var = Param(0.05, float)
+    beta = Param(1.0, float)
+    warmup = Param(0, int)
+    init = Param("he", str)
+    score = Param("elbo", str)
+    map = Param("recon", str)
+    score_samples = Param(4, int)
+    sigma = Param.sigma(2.0)
+    width = Param(32, int)
+    image_size = Param.image_size(128)
+    epochs = Param.epochs(200)
+    batch_size = Param.batch_size(16)
+    lr = Param.lr(5e-4)
+    weight_decay = Param.weight_decay(0.0)
 
     @property
     def needs_grad(self) -> bool:  # gradient maps need autograd inside predict
