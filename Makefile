@@ -23,11 +23,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) -q -m "not slow"
 
+# chapters are executed in parallel (JOBS at a time), then the HTML is built without executing again
 book: $(STAMP)
-	AZOO_QUICK=1 $(BIN)/jupyter-book build book/
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/book_check.py --jobs $(JOBS)
 
 book-full: $(STAMP)
-	AZOO_QUICK=0 $(BIN)/jupyter-book build book/
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/book_check.py --jobs 1 --full
 
 bench: $(STAMP)
 	$(BIN)/python -m anomaly_zoo bench --dataset textures --category brick --models padim,ae --quick

@@ -16,7 +16,8 @@ import time
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
-        raise SystemExit(_fail(f"{message} (see: python -m anomaly_zoo {self.prog.split()[-1]} --help)"))
+        sub = self.prog.split()[1:]  # "anomaly_zoo bench" -> ["bench"]; the top level -> []
+        raise SystemExit(_fail(f"{message} (see: python -m {' '.join(['anomaly_zoo', *sub, '--help'])})"))
 
 
 def _fail(message: str) -> int:

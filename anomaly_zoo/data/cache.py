@@ -9,9 +9,9 @@ changed parameters).
 
 Concurrency (pytest-xdist workers, several notebooks starting at once): a set is
 generated into a hidden temporary sibling folder, its manifest written last, then
-renamed into place, so no reader can ever see half a set. Where ``fcntl`` exists
-(Linux, macOS) a lock file also serialises builders and lets readers share the set:
-readers hold a shared lock while they check and read, builders an exclusive one.
+renamed into place, so no reader can ever see half a set. A lock file (``filelock``,
+which works on every platform) also serialises the processes that check, build and
+read one set, so a set is never rebuilt while another process reads it.
 """
 from __future__ import annotations
 
@@ -29,15 +29,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 from ..utils import AnomalyZooError
 from .core import GOOD, Sample
 
-try:  # POSIX only; elsewhere the atomic rename alone keeps sets whole.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -48,24 +45,19 @@ def sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def locked(lock_path: Path, shared: bool = False) -> Iterator[None]:
-    """Hold an advisory lock on ``lock_path`` (shared for readers, exclusive for builders)."""
-    fh = None
-    if fcntl is not None:
-        try:
-            lock_path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(lock_path, "a+")
-        except OSError:  # a read-only data folder: reading needs no lock, writing will fail clearly
-            fh = None
-    if fh is None:
+def locked(lock_path: Path) -> Iterator[None]:
+    """Hold the lock of one set while checking, building or reading it (no lock in a read-only folder)."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path))
+        lock.acquire()
+    except OSError:  # a read-only data folder: reading needs no lock, writing will fail clearly
         yield
         return
-    with fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def lock_path(folder: Path) -> Path:
@@ -180,8 +172,7 @@ def _clean_leftovers(folder: Path, min_age_s: float = 3600.0) -> None:
 def build(folder: Path, samples: Callable[[], Iterable[Sample]], expected: dict) -> None:
     """Generate into a temporary sibling folder, then swap it in with atomic renames."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is not None:
-        _clean_leftovers(folder)
+    _clean_leftovers(folder)  # safe: builders hold the set's lock
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = folder.parent / f".{folder.name}.tmp-{tag}"
     old = folder.parent / f".{folder.name}.old-{tag}"
@@ -212,11 +203,7 @@ def ensure(folder: Path, samples: Callable[[], Iterable[Sample]], expected: dict
     """
     then = then or (lambda f: f)
     lock = lock_path(folder)
-    if not force:
-        with locked(lock, shared=True):
-            if check(folder, expected) is None:
-                return then(folder)
-    with locked(lock, shared=False):
+    with locked(lock):
         reason = "a rebuild was asked for (force=True)" if force else check(folder, expected)
         if reason is not None:
             if reason != "absent" and not force:
