@@ -2,7 +2,8 @@
 
 Several methods learn "normal versus not normal" without ever seeing a real anomaly, by
 corrupting normal training images on the fly: FCDD's *confetti noise* (Liznerski et al.
-2021, Sec. 4.2: "a simple noise model that inserts colored blobs into images"), CutPaste's
+2021, Sec. 4.2: "a simple noise model that inserts colored blobs into images"; built as
+its reference code does: rotated squares, smoothed, added to the image), CutPaste's
 cut-and-paste patches (Li et al. 2021), DRAEM's blended foreign patches (Zavrtanik et al.
 2021). They all live here, in torch, batched and driven by a ``torch.Generator`` so a seeded
 fit repeats exactly::
@@ -15,10 +16,11 @@ fit repeats exactly::
 This module is deliberately *separate code* from the test-set defects of
 :mod:`anomaly_zoo.data.defects` (and imports nothing from there): a method trained on the
 very corruption it is tested on would be graded on memorising the generator, not on
-detecting anomalies. The shapes differ too: the test defects are soft-edged blobs, curves
-and rotated rectangles blended into the image; the training anomalies here are hard-edged
-axis-aligned rectangles of random colour (confetti), copied patches (cutpaste), and
-smoothed-noise regions filled with a random other texture (``noise_blend``).
+detecting anomalies. The generators differ too: the test defects are scratches, stains,
+holes, cuts, colour blobs and foreign patches blended into the image; the training
+anomalies here are smoothed, rotated squares of random colour or white added to the image
+(confetti), copied patches (cutpaste), and smoothed-noise regions filled with a random
+other image of the batch (``noise_blend``).
 
 Every function takes and returns float images ``[N, 3, H, W]`` in ``[0, 1]`` on any device;
 random numbers are drawn on the CPU from the given generator, so results do not depend on
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .ops import gaussian_blur
 
 __all__ = ["KINDS", "confetti", "cutpaste", "noise_blend", "synthesize"]
 
@@ -41,24 +45,54 @@ def _randint(lo: int, hi: int, g: torch.Generator) -> int:
     return int(torch.randint(lo, max(hi, lo) + 1, (1,), generator=g))
 
 
-def confetti(x: torch.Tensor, generator: torch.Generator, n_blobs: tuple[int, int] = (1, 4),
-             size: tuple[float, float] = (0.04, 0.2)) -> tuple[torch.Tensor, torch.Tensor]:
-    """FCDD's confetti noise: a few hard-edged rectangles of one random colour each.
+def _confetti_layer(h: int, w: int, p: float, sides: tuple[int, int], rotation: float, coloured: bool,
+                    g: torch.Generator) -> torch.Tensor:
+    """One layer of the reference ``confetti_noise``: blob centres where a uniform draw per pixel is < ``p``
+    (at least one), each a square of a random integer side in ``sides``, rotated by up to +-``rotation``
+    degrees, filled with a random colour (``coloured``) or with white. Returns ``[3, h, w]`` in [0, 1]."""
+    centres = torch.zeros(0, 2, dtype=torch.long)
+    while len(centres) == 0:  # the reference's "ensureblob"
+        centres = (torch.rand(h, w, generator=g) < p).nonzero()
+    layer = torch.zeros(3, h, w)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    for cy, cx in centres.tolist():
+        half = _randint(*sides, g) / 2
+        theta = float(_uniform(1, -rotation, rotation, g)) * torch.pi / 180
+        cos, sin = torch.cos(torch.tensor(theta)), torch.sin(torch.tensor(theta))
+        u, v = (ys - cy) * cos + (xs - cx) * sin, (xs - cx) * cos - (ys - cy) * sin
+        inside = (u.abs() <= half) & (v.abs() <= half)
+        colour = torch.rand(3, generator=g) if coloured else torch.ones(3)
+        layer[:, inside] = colour[:, None]  # a later blob covers an earlier one, as in the reference
+    return layer
 
-    ``size`` is a blob's side as a fraction of the image side (drawn per side, so blobs
-    are rectangles of varied aspect). Returns ``(images, masks [N, H, W])``.
+
+def confetti(x: torch.Tensor, generator: torch.Generator, sides: tuple[float, float] = (8 / 224, 54 / 224),
+             rotation: float = 45.0, density: tuple[float, float] = (0.000018, 0.000012),
+             smooth: float = 5 / 224) -> tuple[torch.Tensor, torch.Tensor]:
+    """FCDD's confetti noise, as its reference code builds it for MVTec AD (``noise_mode="confetti"``).
+
+    Two layers of rotated squares (side 8-54 px at 224 px, rotation up to 45 degrees): coloured
+    blobs (density 1.8e-5 blob centres per pixel at 224 px) and white blobs (1.2e-5), each layer
+    with at least one blob; their sum is smoothed by a Gaussian (std 5 px at 224 px, kernel 25 px)
+    and *added* to the image, clipped to [0, 1]. Where adding changes the image almost nowhere
+    (a bright image), the noise is subtracted instead (the reference's inversion rule). Sizes,
+    densities and the blur are given relative to a 224 px image and scale with the image.
+    Returns ``(images, masks [N, H, W])``: the mask marks every pixel the noise touches.
     """
     n, _, h, w = x.shape
-    out, masks = x.clone(), torch.zeros(n, h, w, device=x.device)
-    for i in range(n):
-        for _ in range(_randint(*n_blobs, generator)):
-            bh = max(1, int(h * float(_uniform(1, *size, generator))))
-            bw = max(1, int(w * float(_uniform(1, *size, generator))))
-            top, left = _randint(0, h - bh, generator), _randint(0, w - bw, generator)
-            colour = torch.rand(3, generator=generator).to(x.device)
-            out[i, :, top : top + bh, left : left + bw] = colour[:, None, None]
-            masks[i, top : top + bh, left : left + bw] = 1.0
-    return out, masks
+    scale = (h * w) / 224**2
+    lo, hi = max(1, round(sides[0] * h)), max(1, round(sides[1] * h))
+    noise = torch.stack([_confetti_layer(h, w, density[0] / scale, (lo, hi), rotation, True, generator)
+                         + _confetti_layer(h, w, density[1] / scale, (lo, hi), rotation, False, generator)
+                         for _ in range(n)])
+    sigma = smooth * h
+    noise = gaussian_blur(noise, sigma, truncate=12 / 5) if sigma > 0 else noise  # kernel 25 px for std 5
+    noise = noise.to(x.device)
+    plus = ((x + noise).clamp(0, 1) - x).flatten(1).mean(1).abs()
+    minus = ((x - noise).clamp(0, 1) - x).flatten(1).mean(1).abs()
+    invert = (plus < 0.025 / 255) & (minus > plus)
+    noise = torch.where(invert.view(n, 1, 1, 1), -noise, noise)
+    return (x + noise).clamp(0, 1), (noise != 0).any(1).float()
 
 
 def cutpaste(x: torch.Tensor, generator: torch.Generator, area: tuple[float, float] = (0.02, 0.15),

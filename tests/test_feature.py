@@ -1,13 +1,16 @@
-"""Deep feature modeling (SPADE, PaDiM, PatchCore, DFM, DFR): known values, chunking, and quality.
+"""Deep feature modeling (PaDiM, SPADE, PatchCore, DFM, DFR): known values, chunking, and quality.
 
-Known-value checks compare each method's pieces with an independent computation on small
-data (brute-force loops, scikit-learn, scipy); the quality checks fit every method once on
-the quick brick set, pretrained and with random weights (module-scoped, reused by the tests).
+Known-value checks compare each method's ``predict`` with an independent computation on small
+data (brute-force loops, numpy, scikit-learn, scipy), so a method whose scores or maps were
+negated or replaced by noise fails a test carrying its name; the quality checks fit every
+method once on the quick brick set, pretrained and with random weights (module-scoped, reused
+by the tests), and ask each to beat its random-backbone baseline by a stated margin.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -17,9 +20,10 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 import anomaly_zoo as az
-from anomaly_zoo.models.feature.common import knn, sq_dists
 from anomaly_zoo.models.feature.dfr import FeatureCAE, pca_dimension
 from anomaly_zoo.models.feature.patchcore import greedy_coreset, random_projection, reweight
+from anomaly_zoo.ops import knn, sq_dists
+from anomaly_zoo.utils import AnomalyZooError
 
 METHODS = ("padim", "spade", "patchcore", "dfm", "dfr")
 
@@ -35,6 +39,76 @@ def test_chunked_knn_equals_unchunked():
         torch.testing.assert_close(d, d_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d_full, torch.cdist(q, bank).topk(5, largest=False).values, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sq_dists(q, bank), torch.cdist(q, bank) ** 2, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backbone, expected", [
+    ("efficientnet_lite0", {"padim": ["stage2", "stage3", "stage5"], "spade": ["stage2", "stage3", "stage5", "stage7"],
+                            "patchcore": ["stage3", "stage5"], "dfm": ["stage5"],
+                            "dfr": ["stage1", "stage2", "stage3", "stage4", "stage5"]}),
+    ("resnet18", {"padim": ["layer1", "layer2", "layer3"], "spade": ["layer1", "layer2", "layer3", "layer4"],
+                  "patchcore": ["layer2", "layer3"], "dfm": ["layer3"], "dfr": ["layer1", "layer2", "layer3"]}),
+])
+def test_default_taps_follow_each_methods_strides(backbone, expected):
+    """padim (4, 8, 16), spade (+ the deepest stage for its pooled head), patchcore (8, 16), dfm (16,),
+    dfr (every stage up to stride 16): one rule for every backbone, no per-backbone table."""
+    for name, taps in expected.items():
+        det = az.create(name, backbone=backbone, pretrained=False)
+        det._build({"input_hw": [64, 64]})
+        assert list(det.extractor_.layers) == taps, name
+
+
+@pytest.mark.parametrize("name, kw, value", [
+    ("padim", dict(n_features=177), "n_features=177"),  # the three taps have 176 channels
+    ("spade", dict(image_score="mean"), "image_score='mean'"),
+    ("spade", dict(k_images=0), "k_images=0"),
+    ("patchcore", dict(coreset_ratio=0.0), "coreset_ratio=0.0"),
+    ("patchcore", dict(coreset_ratio=1.5), "coreset_ratio=1.5"),
+    ("dfm", dict(pooling_kernel_size=5), "pooling_kernel_size=5"),  # a 4 x 4 grid at 64 px
+    ("dfm", dict(score_type="l2"), "score_type='l2'"),
+    ("dfr", dict(region_size=5), "region_size=5"),  # 64 px is not a multiple of 5
+    ("dfr", dict(pca_level=1.5), "pca_level=1.5"),
+    ("dfr", dict(latent_dim=0), "latent_dim=0"),
+])
+def test_feature_bad_values_give_one_clear_error(name, kw, value, tiny):
+    short = {"epochs": 1} if name == "dfr" else {}  # fails before training anyway
+    with pytest.raises(AnomalyZooError, match=re.escape(f"{name}: {value} is out of range; allowed:")):
+        az.create(name, pretrained=False, image_size=64, **short, **kw).fit(tiny[0])
+
+
+# ------------------------------------------------------------------ PaDiM
+def _padim_embedding(det, x: torch.Tensor) -> np.ndarray:
+    """PaDiM's embedding written independently: each coarse cell repeated onto the finest grid
+    (nearest upsampling by an integer factor), the taps concatenated, the kept channels taken."""
+    with torch.no_grad():
+        taps = {k: v.double().numpy() for k, v in det.extractor_(x).items()}
+    h, w = taps[det.layers_[0]].shape[-2:]
+    parts = [taps[k].repeat(h // taps[k].shape[-2], axis=2).repeat(w // taps[k].shape[-1], axis=3)
+             for k in det.layers_]
+    e = np.concatenate(parts, axis=1)[:, det.channel_idx_.cpu().numpy()]
+    return e.reshape(len(x), e.shape[1], h * w)  # [N, d, P]
+
+
+def test_padim_predict_is_eq1_eq2_at_every_position():
+    """``predict``'s map before smoothing (sigma=0) is, at every grid position, the Mahalanobis
+    distance (eq. 2) to numpy's covariance + eps I of that position (eq. 1), upsampled."""
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.rand(24, 3, 64, 64, generator=g), torch.rand(3, 3, 64, 64, generator=g)
+    det = az.create("padim", pretrained=False, image_size=64, n_features=12, sigma=0).fit(train)
+    pred = det.predict(test)
+    e_tr, e_te = _padim_embedding(det, train), _padim_embedding(det, test)
+    d, positions = e_tr.shape[1:]
+    expected = np.zeros((len(test), positions))
+    for p in range(positions):
+        xs = e_tr[:, :, p]
+        cov = np.cov(xs, rowvar=False) + det.eps * np.eye(d)  # eq. 1, 1/(N-1)
+        delta = e_te[:, :, p] - xs.mean(0)
+        expected[:, p] = np.sqrt(np.einsum("bd,bd->b", delta, np.linalg.solve(cov, delta.T).T))  # eq. 2
+    h, w = det.shapes_["grid"]
+    assert (h, w) == (16, 16) and positions == h * w  # stride 4 at 64 px: every position checked
+    grid = torch.from_numpy(expected).float().view(len(test), 1, h, w)
+    maps = torch.nn.functional.interpolate(grid, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(pred.maps, maps, rtol=1e-3, atol=1e-3 * float(maps.max()))
+    torch.testing.assert_close(pred.scores, maps.flatten(1).amax(1), rtol=1e-3, atol=1e-3 * float(maps.max()))
 
 
 # ------------------------------------------------------------------ PatchCore
@@ -109,8 +183,8 @@ def test_patchcore_chunked_scores_equal_unchunked(tiny):
     chunked = det.predict(test)
     torch.testing.assert_close(chunked.scores, full.scores, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked.maps, full.maps, rtol=1e-5, atol=1e-5)
-    assert det.meta_["n_patches"] == 6 * 8 * 8  # 6 images, a stride-8 grid at 64 px
-    assert det.meta_["coreset_size"] == round(0.25 * det.meta_["n_patches"])
+    assert det.diagnostics_["n_patches"] == 6 * 8 * 8  # 6 images, a stride-8 grid at 64 px
+    assert det.diagnostics_["coreset_size"] == round(0.25 * det.diagnostics_["n_patches"])
 
 
 # ------------------------------------------------------------------ SPADE
@@ -143,7 +217,7 @@ def test_dfm_nll_and_fre_match_scipy_and_sklearn(tiny):
     x_tr = nll.pooled_features(train).flatten(1).double().numpy()
     x_te = nll.pooled_features(test).flatten(1).double().numpy()
     pca = PCA(n_components=0.9, svd_solver="full").fit(x_tr)
-    assert nll.meta_["n_components"] == pca.n_components_
+    assert nll.shapes_["n_components"] == pca.n_components_
     z = pca.transform(x_te)
     expected_nll = -multivariate_normal(mean=np.zeros(z.shape[1]), cov=np.diag(pca.explained_variance_)).logpdf(z)
     np.testing.assert_allclose(nll.predict(test).scores.numpy(), expected_nll, rtol=1e-3)
@@ -163,7 +237,8 @@ def test_dfr_pieces(tiny):
     train, test = tiny
     det = az.create("dfr", preset="quick", pretrained=False, image_size=64, region_size=4, epochs=2).fit(train)
     f = det.regional_features(test)
-    assert f.shape[1:] == (det.meta_["channels"], 16, 16)
+    assert f.shape[1:] == (det.shapes_["channels"], 16, 16)
+    assert len(det.history_["loss"]) == 2  # trained through the one loop, one mean loss per epoch
     with torch.no_grad():
         a = (f - det.net_(f)).pow(2).mean(1)
     pred = det.predict(test)
@@ -190,15 +265,31 @@ def brick_results(brick):
     return get
 
 
-THRESHOLDS = {  # (metric, threshold) on quick brick, seed 0, pretrained backbone; measured values in comments
-    "patchcore": [("image_auroc", 0.97), ("aupro", 0.85)],  # 0.998, 0.981
-    "padim": [("image_auroc", 0.90), ("aupro", 0.90)],  # 0.985, 0.969
-    # SPADE's own image score (eq. 1, kNN of globally pooled features) reaches 0.84 here (0.80-0.88
-    # over data seeds 0-2; the paper's MVTec mean is 0.855): global pooling dilutes small texture
-    # defects. The maximum of its pixel map (image_score="max") 0.91 (0.85-0.95).
-    "spade": [("image_auroc", 0.75), ("image_auroc_map_max", 0.85), ("aupro", 0.90)],  # 0.840, 0.911, 0.962
-    "dfm": [("image_auroc", 0.80)],  # 0.877
-    "dfr": [("image_auroc", 0.90), ("aupro", 0.90)],  # 0.986, 0.966
+# Quick brick, pretrained backbone, seed 0 in the test. Each threshold is the lowest of data seeds
+# 0, 1, 2 minus a margin of 0.03, rounded down; the measured values (seeds 0 / 1 / 2) are in the comments.
+THRESHOLDS = {
+    "padim": [("image_auroc", 0.93), ("aupro", 0.92)],  # 0.985 / 0.982 / 0.966; 0.969 / 0.955 / 0.963
+    # SPADE's own image score (eq. 1, kNN of globally pooled features) is the weakest: global pooling
+    # dilutes small texture defects (the paper's MVTec mean is 0.855). The maximum of its pixel map
+    # (image_score="max") does better.
+    "spade": [("image_auroc", 0.76),  # 0.840 / 0.799 / 0.880
+              ("image_auroc_map_max", 0.81),  # 0.911 / 0.849 / 0.946
+              ("aupro", 0.91)],  # 0.962 / 0.943 / 0.952
+    "patchcore": [("image_auroc", 0.96), ("aupro", 0.94)],  # 1.000 / 0.999 / 0.999; 0.984 / 0.976 / 0.977
+    # DFM's map is the residual on a 2 x 2 pooled grid: a detector first, its AUPRO is low
+    "dfm": [("image_auroc", 0.84), ("pixel_auroc", 0.83)],  # 0.877 / 0.913 / 0.933; 0.908 / 0.869 / 0.886
+    "dfr": [("image_auroc", 0.90), ("aupro", 0.85)],  # 0.986 / 0.932 / 0.974; 0.966 / 0.882 / 0.952
+}
+
+# How far each must stay above the same method on a random backbone (pretrained=False), in image
+# AUROC and AUPRO. Measured gaps over data seeds 0 / 1 / 2 in the comments; each margin is about
+# 0.05 below the smallest. The random-backbone runs themselves: image AUROC 0.52-0.73, AUPRO 0.22-0.44.
+MARGINS = {
+    "padim": (0.25, 0.45),  # 0.353 / 0.406 / 0.324; 0.648 / 0.685 / 0.518
+    "spade": (0.10, 0.55),  # 0.293 / 0.167 / 0.257; 0.671 / 0.690 / 0.607
+    "patchcore": (0.20, 0.45),  # 0.316 / 0.394 / 0.271; 0.551 / 0.622 / 0.542
+    "dfm": (0.20, 0.20),  # 0.259 / 0.349 / 0.262; 0.269 / 0.321 / 0.345
+    "dfr": (0.25, 0.50),  # 0.465 / 0.382 / 0.316; 0.649 / 0.622 / 0.578
 }
 
 
@@ -212,7 +303,8 @@ def test_quality_on_brick(name, brick_results):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
-def test_pretrained_beats_random_backbone(name, brick_results):
+def test_pretrained_beats_random_backbone_by_a_margin(name, brick_results):
     pre, rnd = brick_results(name, True), brick_results(name, False)
-    assert pre["image_auroc"] > rnd["image_auroc"], f"{name}: {pre['image_auroc']:.3f} vs {rnd['image_auroc']:.3f}"
-    assert pre["aupro"] > rnd["aupro"], f"{name}: {pre['aupro']:.3f} vs {rnd['aupro']:.3f}"
+    for metric, margin in zip(("image_auroc", "aupro"), MARGINS[name]):
+        gap = pre[metric] - rnd[metric]
+        assert gap >= margin, f"{name}: {metric} {pre[metric]:.3f} pretrained vs {rnd[metric]:.3f} random (< +{margin})"

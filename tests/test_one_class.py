@@ -1,9 +1,11 @@
 """One-class family: OC-SVM, Deep SVDD, Patch SVDD, FCDD, and the training-time anomaly synthesis.
 
 Hand cases for each method's equations, the properties the papers insist on (bias-free
-Deep SVDD, no near-zero centre coordinates), exactness of the OC-SVM's torch decision
-function against scikit-learn, and the digits quality thresholds on a subset of classes
-(the ten-class means are measured in the chapter and reported in the issue)."""
+Deep SVDD, no near-zero centre coordinates, the soft-boundary nu-property), exactness of the
+OC-SVM's torch decision function against scikit-learn, every hyperparameter's range, and
+quality tests that a degenerate model cannot pass: each trained model against its untrained
+network or random backbone, on the datasets of tests/test_models.py, with the numbers
+measured over data seeds 0, 1, 2 (quick presets, CPU) next to each threshold."""
 from __future__ import annotations
 
 import ast
@@ -16,8 +18,40 @@ import torch
 from torch import nn
 
 import anomaly_zoo as az
-from anomaly_zoo import synthesis
+from anomaly_zoo import ops, synthesis
+from anomaly_zoo.backbones import create_backbone
 from anomaly_zoo.models.one_class import deep_svdd, fcdd, ocsvm, patch_svdd
+from anomaly_zoo.utils import AnomalyZooError
+
+# ------------------------------------------------------------------------------ parameters
+BAD = {
+    "ocsvm": [("nu", 1.5), ("nu", 0.0), ("gamma", 0.0), ("image_size", 8), ("backbone", "vgg16"),
+              ("pretrained", "yes"), ("layers", "stage3")],
+    "deep_svdd": [("objective", "hard"), ("nu", 1.5), ("epochs", -1), ("lr", 0.0), ("image_size", 30),
+                  ("channels", (8,)), ("channels", (8, 0)), ("pretrain_epochs", -1), ("warm_up", -1), ("eps", 0.0),
+                  ("rep_dim", 0), ("weight_decay", -1.0), ("batch_size", 0), ("lr_milestone", 0),
+                  ("pretrain_weight_decay", -1.0), ("bias", 1)],
+    "patch_svdd": [("patch_size", 48), ("strides", (3, 4)), ("strides", (8,)), ("epochs", 0), ("lr", 0.0),
+                   ("lam", -1.0), ("rgb_jitter", -1.0), ("pixel_noise", -0.1), ("pairs_per_image", 0), ("dim", 0),
+                   ("image_size", 16)],
+    "fcdd": [("epochs", -1), ("lr", 0.0), ("gauss_std", 0.0), ("p_anomalous", 1.5), ("p_anomalous", 0.0),
+             ("synthesis", "scratch"), ("optimizer", "rmsprop"), ("lr_decay", 0.0), ("lr_decay", 1.5),
+             ("layers", ("stage2", "stage3")), ("hidden", 0), ("batch_size", 1), ("weight_decay", -1.0)],
+}
+
+
+@pytest.mark.parametrize("name,key,value", [(n, k, v) for n, bad in BAD.items() for k, v in bad])
+def test_out_of_range_parameters_raise_at_fit(name, key, value, tiny):
+    train, _ = tiny
+    det = az.create(name, preset="quick", **{key: value})  # stored as given
+    with pytest.raises(AnomalyZooError, match=f"{name}: {key}="):
+        det.fit(train)
+
+
+def test_every_one_class_model_lists_its_deviations():
+    for card in az.list_models(family="one_class"):
+        assert card.deviations, card.name
+        assert all(f"- {d}" in card.deviations_markdown() for d in card.deviations)
 
 
 # ------------------------------------------------------------------------------ synthesis
@@ -42,6 +76,25 @@ def test_synthesis_masks_labels_and_seeding(kind, tiny):
     assert torch.equal(clean, x) and m0.sum() == 0 and y0.sum() == 0
 
 
+def test_confetti_is_smoothed_rotated_and_added():
+    """The reference code's confetti: at least one blob per layer, blobs rotated (not only axis-aligned),
+    the noise smoothed (soft edges) and added to the image, not pasted over it."""
+    x = torch.full((8, 3, 128, 128), 0.3)
+    out, masks = synthesis.confetti(x, torch.Generator().manual_seed(0))
+    assert (masks.flatten(1).sum(1) > 0).all()
+    diff = (out - x)[:, 0]
+    values = diff[masks.bool()]
+    # smoothed: many intermediate values, not a few flat colours
+    assert len(torch.unique((values * 255).round())) > 50
+    # added, so the change is clipped only at 0 and 1: a grey image brightens by at most 0.7
+    assert float(diff.max()) <= 0.7 + 1e-6
+    # rotated: some blob's support is not a union of axis-aligned boxes -> check a diagonal edge exists
+    hard, _ = synthesis.confetti(x, torch.Generator().manual_seed(1), smooth=0.0)
+    m = (hard != x).any(1)
+    rows = m.any(2).sum(1).float() * m.any(1).sum(1).float()  # bounding-box area, an upper bound
+    assert bool((m.flatten(1).sum(1).float() < 0.95 * rows).any())
+
+
 def test_synthesis_is_separate_from_the_test_defects():
     tree = ast.parse(inspect.getsource(synthesis))
     imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
@@ -59,7 +112,7 @@ def test_ocsvm_torch_decision_function_equals_sklearn(tiny):
     det = az.create("ocsvm", preset="quick", pretrained=False).fit(train)
     z_train = torch.cat([det.features(det._prepare(train, "x"))]).double().numpy()
     z_test = det.features(det._prepare(test, "x")).double().numpy()
-    ref = OneClassSVM(kernel="rbf", nu=det.nu, gamma=det.meta_["gamma"]).fit(z_train)
+    ref = OneClassSVM(kernel="rbf", nu=det.nu, gamma=float(det.gamma_)).fit(z_train)
     ours = det.decision_function(test).numpy()
     np.testing.assert_allclose(ours, ref.decision_function(z_test), rtol=1e-6, atol=1e-9)
     assert torch.equal(det.predict(test).scores, -torch.from_numpy(ours).float())
@@ -68,6 +121,19 @@ def test_ocsvm_torch_decision_function_equals_sklearn(tiny):
 def test_ocsvm_median_heuristic():
     z = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])  # squared distances 9, 16, 25
     assert ocsvm.median_gamma(z) == pytest.approx(1 / 16)
+
+
+def test_ocsvm_pretrained_beats_random_backbone():
+    """Digits, normal class 5 (as tests/test_models.py), data seeds 0, 1, 2. Measured image AUROC:
+    pretrained 0.907 / 0.921 / 0.978 (mean 0.935), random backbone 0.873 / 0.870 / 0.869 (mean 0.871)."""
+    aurocs = {True: [], False: []}
+    for seed in (0, 1, 2):
+        ds = az.data.load("digits", normal_class=5, quick=True, seed=seed)
+        for pretrained in (True, False):
+            pred = az.create("ocsvm", preset="quick", pretrained=pretrained).fit(ds.train_images).predict(ds.test_images)
+            aurocs[pretrained].append(az.metrics.image_auroc(pred.scores, ds.test_labels))
+    assert min(aurocs[True]) >= 0.87, aurocs  # lowest seed 0.907 minus a margin of 0.04
+    assert np.mean(aurocs[True]) >= np.mean(aurocs[False]) + 0.03, aurocs  # measured difference 0.064
 
 
 # ------------------------------------------------------------------------------ Deep SVDD
@@ -111,24 +177,36 @@ def test_deep_svdd_trivial_solution_needs_a_bias():
             assert loss >= det.rep_dim * det.eps**2 - 1e-6
 
 
-def test_deep_svdd_soft_boundary_radius():
+def test_deep_svdd_soft_boundary_radius_is_the_nu_quantile():
+    """Eq. (3)'s nu-property. R is the (1 - nu)-quantile of the training distances at its last update
+    (the end of the last epoch, so the final network's): exactly nu of the training images lie outside.
+    On *fresh* normal images (the normal test digits, never trained on) the share outside is larger:
+    the sphere is fitted to 80 training images. Measured with nu = 0.1 on class 0, data seeds 0, 1, 2:
+    training 0.10 / 0.10 / 0.10; fresh normal 0.40 / 0.17 / 0.37 (30 images each); anomalies 1.0 / 1.0 / 1.0."""
     ds = az.data.load("digits", normal_class=0, quick=True)
     det = az.create("deep_svdd", preset="quick", objective="soft-boundary", nu=0.1, warm_up=2).fit(ds.train_images)
-    assert det.radius_ > 0
-    inside = det.predict(ds.train_images).scores <= 1e-6
-    assert inside.float().mean() >= 0.85  # about 1 - nu of the training data inside the sphere
+    d = det._train_dists(det._prepare(ds.train_images, "x").to(det.device_))
+    assert float(det.radius_) == pytest.approx(float(torch.quantile(d.sqrt().double(), 0.9)), rel=1e-5)
+    outside = float((det.predict(ds.train_images).scores > 0).float().mean())
+    assert abs(outside - 0.1) <= 1.5 / len(ds.train_images) + 1e-6  # the quantile itself, up to one image
+    fresh = float((det.predict(ds.test_images[ds.test_labels == 0]).scores > 0).float().mean())
+    anomalies = float((det.predict(ds.test_images[ds.test_labels == 1]).scores > 0).float().mean())
+    assert 0.05 <= fresh <= 0.5, fresh  # measured 0.17-0.40: about nu plus the generalisation gap
+    assert anomalies >= 0.9, anomalies  # measured 1.0: the other digits lie outside
+    assert anomalies >= fresh + 0.4, (fresh, anomalies)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["deep_svdd", "ocsvm"])
-def test_digits_one_vs_rest_quality(name):
-    """Three classes here (time); the ten-class mean (>= 0.85 required) is measured in the chapter."""
-    aurocs = []
-    for k in (1, 5, 8):
-        ds = az.data.load("digits", normal_class=k, quick=True)
-        pred = az.create(name, preset="quick").fit(ds.train_images).predict(ds.test_images)
-        aurocs.append(az.metrics.image_auroc(pred.scores, ds.test_labels))
-    assert np.mean(aurocs) >= 0.85, aurocs
+def test_deep_svdd_beats_the_untrained_network():
+    """Digits, normal class 8 (as tests/test_models.py). Measured image AUROC over data seeds 0, 1, 2:
+    trained 0.938 / 0.904 / 0.960; the untrained network (random init, no pretraining, lr 1e-12)
+    0.662 / 0.833 / 0.699."""
+    ds = az.data.load("digits", normal_class=8, quick=True)
+    auroc = {}
+    for label, kw in (("trained", {}), ("untrained", dict(pretrain_epochs=0, epochs=1, lr=1e-12))):
+        pred = az.create("deep_svdd", preset="quick", **kw).fit(ds.train_images).predict(ds.test_images)
+        auroc[label] = az.metrics.image_auroc(pred.scores, ds.test_labels)
+    assert auroc["trained"] >= 0.87, auroc  # lowest seed 0.904 minus a margin of 0.03
+    assert auroc["trained"] >= auroc["untrained"] + 0.15, auroc  # seed 0: 0.938 vs 0.662
 
 
 # ------------------------------------------------------------------------------ Patch SVDD
@@ -136,20 +214,42 @@ def test_patch_svdd_relative_position_labels_hand_case():
     assert patch_svdd.POSITIONS[0] == (-1, -1) and patch_svdd.POSITIONS[4] == (0, 1)
     assert patch_svdd.POSITIONS[6] == (1, 0) and len(set(patch_svdd.POSITIONS)) == 8
     g = torch.Generator().manual_seed(0)
-    k = 32
-    t1, l1, t2, l2, label = patch_svdd.sample_position_pairs(500, 128, 128, k, g)
+    k, size = 32, 128
+    t1, l1, t2, l2, label = patch_svdd.sample_position_pairs(2000, size, size, k, g)
     dirs = torch.tensor(patch_svdd.POSITIONS)[label]
-    dy, dx = t2 - t1, l2 - l1
-    assert torch.equal(torch.sign(dy), dirs[:, 0]) and torch.equal(torch.sign(dx), dirs[:, 1])
-    moved = torch.cat([dy[dirs[:, 0] != 0].abs(), dx[dirs[:, 1] != 0].abs()])
-    assert moved.min() >= 3 * k // 4 and moved.max() < k
-    assert (t2 >= 0).all() and (t2 <= 128 - k).all() and (l2 >= 0).all() and (l2 <= 128 - k).all()
+    for a1, a2, d in ((t1, t2, dirs[:, 0]), (l1, l2, dirs[:, 1])):
+        assert (a1 >= 0).all() and (a1 <= size - k).all() and (a2 >= 0).all() and (a2 <= size - k).all()
+        step = a2 - a1
+        assert (step[d == 0] == 0).all()
+        # p2 moves 3K/4..K-1 px in its direction, unless the image border clipped it (reference code)
+        free = (d != 0) & (a2 > 0) & (a2 < size - k)
+        assert torch.equal(torch.sign(step[free]), d[free])
+        assert step[free].abs().min() >= 3 * k // 4 and step[free].abs().max() < k
+        clipped = (d != 0) & ~free
+        assert (torch.sign(step[clipped]) != -d[clipped]).all()  # never the wrong way
     assert set(label.tolist()) == set(range(8))
+    assert (t1 < k).any() and (t1 > size - 2 * k).any()  # p1 anywhere, as in the reference code
     # a hand case: a patch right below p1 is label 6, one up-left is label 0
     img = torch.zeros(1, 3, 96, 96)
     img[0, :, 40:48, 40:48] = 1.0
     p = patch_svdd.crop(img, torch.tensor([36]), torch.tensor([36]), 16)
     assert p.shape == (1, 3, 16, 16) and p[0, 0, 4, 4] == 1 and p[0, 0, 12, 12] == 0
+
+
+def test_patch_svdd_jitter_pairs_never_coincide():
+    g = torch.Generator().manual_seed(0)
+    t1, l1, t2, l2 = patch_svdd.sample_jitter_pairs(2000, 64, 64, 32, g)
+    assert ((t1 != t2) | (l1 != l2)).all()
+    assert ((t2 - t1).abs() <= 1).all() and ((l2 - l1).abs() <= 1).all()
+    assert t2.min() >= 0 and t2.max() <= 32 and l2.min() >= 0 and l2.max() <= 32
+
+
+def test_patch_svdd_classifier_last_layer_is_the_reference_normalised_linear():
+    c = patch_svdd.PositionClassifier(16)
+    last = c.net[-1]
+    assert isinstance(last, patch_svdd.NormalizedLinear)
+    assert torch.allclose(last.weight.norm(dim=0), torch.ones(128))
+    assert "net.4.weight" not in dict(c.named_parameters()) and "net.4.bias" in dict(c.named_parameters())
 
 
 def test_patch_svdd_dense_embeddings_equal_patchwise():
@@ -166,13 +266,30 @@ def test_patch_svdd_dense_embeddings_equal_patchwise():
             assert torch.allclose(fb[0, :, top // 2, left // 2], big, atol=1e-5)
 
 
-def test_patch_svdd_distribute_and_nn_distance():
-    scores = torch.tensor([[[1.0, 3.0]]])  # two patches of 4 px at stride 2 along a row
-    m = patch_svdd.distribute(scores, (4, 6), 4, 2)
-    assert torch.allclose(m[0, 0], torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0, 3.0]))
-    q = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
-    mem = torch.tensor([[0.0, 1.0], [3.0, 0.0]])
-    assert torch.allclose(patch_svdd.PatchSVDD.nn_distance(q, mem), torch.tensor([1.0, 4.0]))
+def test_patch_svdd_training_images_score_zero_everywhere(tiny):
+    """Eq. (6): every patch of a training image is in the memory, so its distance to the nearest
+    normal patch, and the map, is 0 (up to float error); other images are not."""
+    train, test = tiny
+    det = az.create("patch_svdd", preset="quick", epochs=1).fit(train)
+    seen, unseen = det.predict(train[:2]).maps, det.predict(test).maps
+    assert float(seen.max()) <= 1e-3 * float(unseen.mean())
+
+
+def test_patch_svdd_training_beats_the_untrained_encoder(brick):
+    """Brick (as tests/test_models.py). Measured over data seeds 0, 1, 2 (quick preset):
+    trained image AUROC 0.941 / 0.858 / 0.915, pixel AUROC 0.980 / 0.980 / 0.979, AUPRO
+    0.872 / 0.857 / 0.905; untrained encoder (lr 1e-12): image AUROC 0.811 / 0.778 / 0.864, pixel
+    AUROC 0.974 / 0.975 / 0.976, AUPRO 0.842 / 0.834 / 0.880. A random patch encoder with the
+    nearest-normal-patch distance already localises; training is what lifts detection."""
+    report = {}
+    for label, kw in (("trained", {}), ("untrained", dict(epochs=1, lr=1e-12))):
+        pred = az.create("patch_svdd", preset="quick", **kw).fit(brick.train_images).predict(brick.test_images)
+        report[label] = az.metrics.evaluate(pred, brick.test_labels, brick.test_masks)
+    trained, untrained = report["trained"], report["untrained"]
+    assert trained["pixel_auroc"] >= 0.96, report  # lowest seed 0.979 minus a margin of 0.02
+    assert trained["image_auroc"] >= 0.83, report  # lowest seed 0.858 minus a margin of 0.03
+    assert trained["image_auroc"] >= untrained["image_auroc"] + 0.07, report  # seed 0: 0.941 vs 0.811
+    assert trained["aupro"] >= untrained["aupro"] + 0.01, report  # seed 0: 0.872 vs 0.842
 
 
 # ------------------------------------------------------------------------------ FCDD
@@ -189,9 +306,12 @@ def test_fcdd_pseudo_huber_and_loss_hand_case():
 
 
 def test_fcdd_receptive_field_and_gaussian_upsampling():
-    assert fcdd.receptive_field(fcdd.backbone_layers("efficientnet_lite0", "stage3")) == (67, 8, 7.0)
-    assert fcdd.receptive_field(fcdd.backbone_layers("resnet18", "layer2")) == (99, 8, 0.0)
-    k = fcdd.gaussian_kernel(83, 7.0)
+    lite = create_backbone("efficientnet_lite0", pretrained=False, layers=["stage3"])
+    assert lite.receptive_field("stage3") == (67, 8, 7.0)
+    assert lite.receptive_field("stage3", extra=fcdd.HEAD_GEOMETRY) == (83, 8, 7.0)  # + the head's 3x3
+    res = create_backbone("resnet18", pretrained=False, layers=["layer2"])
+    assert res.receptive_field("layer2") == (99, 8, 0.0)
+    k = ops.gaussian_kernel2d(83, 7.0)
     assert k.shape == (83, 83) and float(k.sum()) == pytest.approx(1.0, abs=1e-5)
     assert torch.allclose(k, k.T) and torch.allclose(k, k.flip(0))
     assert int(k.argmax()) == 41 * 83 + 41
@@ -204,9 +324,33 @@ def test_fcdd_receptive_field_and_gaussian_upsampling():
     assert peak == (7 + 2 * 8, 7 + 5 * 8)
 
 
-def test_fcdd_trains_on_synthesis_and_localises(tiny):
-    train, test = tiny
-    det = az.create("fcdd", preset="quick", pretrained=False, epochs=2).fit(train)
-    assert det.meta_["receptive_field"] == [83, 8, 7.0]
-    pred = det.predict(test)
-    assert pred.maps.shape == (3, 64, 64) and (pred.maps >= 0).all() and (pred.scores >= 0).all()
+def test_fcdd_reads_its_receptive_field_from_the_backbone(tiny):
+    train, _ = tiny
+    det = az.create("fcdd", preset="quick", pretrained=False, epochs=1).fit(train)
+    assert det.diagnostics_["receptive_field"] == [83, 8, 7.0] and det.tap_ == "stage3"
+    res = az.create("fcdd", preset="quick", backbone="resnet18", pretrained=False, epochs=1).fit(train)
+    assert res.tap_ == "layer2" and res.diagnostics_["receptive_field"] == [115, 8, 0.0]  # 99 + 2 * 8 for the head's 3x3
+
+
+def test_fcdd_localises_defects_better_than_its_baselines(brick):
+    """Real localisation on brick: the map is higher inside the defect masks than outside, for the pixels
+    (pixel AUROC) and per defect image (mean inside > mean outside), well above the untrained head and
+    the random backbone. Measured over data seeds 0, 1, 2 (quick preset):
+    trained: pixel AUROC 0.983 / 0.981 / 0.986, image AUROC 0.895 / 0.913 / 0.919, AUPRO 0.896 / 0.779 /
+    0.914, defect images with mean inside > outside 1.00 / 0.94 / 1.00 (of 36);
+    untrained head (lr 1e-12): pixel AUROC 0.781 / 0.709 / 0.800, image AUROC 0.515 / 0.526 / 0.537,
+    inside > outside 0.92 / 0.92 / 0.89; random backbone: pixel AUROC 0.835 / 0.740 / 0.739, image
+    AUROC 0.539 / 0.565 / 0.603."""
+    report, masks = {}, brick.test_masks > 0.5
+    for label, kw in (("trained", {}), ("untrained head", dict(epochs=1, lr=1e-12)),
+                      ("random backbone", dict(pretrained=False))):
+        pred = az.create("fcdd", preset="quick", **kw).fit(brick.train_images).predict(brick.test_images)
+        report[label] = az.metrics.evaluate(pred, brick.test_labels, brick.test_masks)
+        inside = [float(m[k].mean() > m[~k].mean()) for m, k in zip(pred.maps, masks) if k.any()]
+        report[label]["inside > outside"] = float(np.mean(inside))
+    trained = report["trained"]
+    assert trained["pixel_auroc"] >= 0.96, report  # lowest seed 0.981 minus a margin of 0.02
+    assert trained["pixel_auroc"] >= report["untrained head"]["pixel_auroc"] + 0.1, report
+    assert trained["pixel_auroc"] >= report["random backbone"]["pixel_auroc"] + 0.1, report
+    assert trained["image_auroc"] >= report["untrained head"]["image_auroc"] + 0.2, report
+    assert trained["inside > outside"] >= 0.9, report  # lowest seed 0.94

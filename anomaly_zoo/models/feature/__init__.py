@@ -6,6 +6,7 @@ Three views of "normal" in a frozen network's feature space (the book's chapter 
 * a memory of normal patches, searched by nearest neighbours: ``spade``, ``patchcore``;
 * reconstruction in feature space: ``dfm`` (PCA), ``dfr`` (a 1x1-convolution auto-encoder).
 
-Shared pieces (multi-scale embedding, pooled head features, chunked kNN) live in ``common``.
+Shared pieces (multi-scale embedding, pooled head features, re-tapping one backbone) live in
+``common``; neighbours, batched extraction and explained-variance rank in :mod:`anomaly_zoo.ops`.
 """
 from . import dfm, dfr, padim, patchcore, spade  # noqa: F401

@@ -51,58 +51,45 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...backbones import create_backbone
-from ...base import Detector
-from ...ops import gaussian_blur, upsample
-from ...params import Param
+from ...base import FeatureDetector
+from ...ops import explained_variance_rank, extract, gaussian_blur, upsample
+from ...params import Param, bad
 from ...registry import register
-from ...utils import AnomalyZooError
-from .common import embed, extract
+from .common import embed
 
-#: one mid-level tap at stride 16 per backbone (anomalib's DFM uses ResNet-50 ``layer3``)
-DFM_LAYERS = {"efficientnet_lite0": ("stage5",), "resnet18": ("layer3",), "wide_resnet50_2": ("layer3",)}
 SCORE_TYPES = ("fre", "nll")
 
 
-def n_components_for(variances: torch.Tensor, level: float) -> int:
-    """Smallest k whose first k (descending) variances explain at least ``level`` of the total;
-    ``level >= 1`` is read as the number of components itself."""
-    if level >= 1:
-        return int(min(int(level), len(variances)))
-    ratio = torch.cumsum(variances, 0) / variances.sum()
-    return int(min(int((ratio < level).sum()) + 1, len(variances)))
-
-
 def gaussian_nll(z: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
-    """-log N(z; 0, diag(variances)) for the rows of ``z [B, k]``."""
+    """-log N(z; 0, diag(variances)) for the rows of ``z [B, k]`` (M2)."""
     k = z.shape[1]
     return 0.5 * (z * z / variances).sum(1) + 0.5 * torch.log(variances).sum() + 0.5 * k * math.log(2 * math.pi)
 
 
 @register("dfm", family="feature", paper="Probabilistic Modeling of Deep Features for Out-of-Distribution and "
           "Adversarial Detection", year=2019, bibkey="ahuja2019dfm", localizes=True, trains=False,
-          quick=dict(image_size=128))
-class DFM(Detector):
+          quick=dict(image_size=128),
+          deviations=("backbone: EfficientNet-Lite0 stage5 (stride 16, 112 channels) instead of the ResNet-50 "
+                      "layer3 of anomalib's DFM (the paper models the layers of classification networks)",
+                      "the default score is the feature reconstruction error (M3, anomalib's default, from Ndiour "
+                      "et al. 2020), not the paper's Gaussian likelihood (score_type='nll')",
+                      "one Gaussian in a PCA subspace of pooled features keeping 97 % of the variance (anomalib's "
+                      "settings), not the paper's per-layer densities or mixtures",
+                      "the anomaly map (the per-cell residual of M3) is the library's addition: the paper only "
+                      "scores whole images"))
+class DFM(FeatureDetector):
     """PCA + Gaussian of pooled deep features; NLL or feature-reconstruction-error score."""
 
     predict_batch_size = 16
+    default_strides = (16,)  # one mid-level tap (anomalib: ResNet-50 layer3)
 
-    backbone = Param("efficientnet_lite0", str)
-    pretrained = Param(True, bool)
-    layers = Param(None, object, none=True)
-    pooling_kernel_size = Param(4, int)
-    pca_level = Param(0.97, float)
-    score_type = Param("fre", str)
+    pooling_kernel_size = Param(4, int, low=1, help="average-pooling window that shrinks the feature map")
+    pca_level = Param(0.97, float, low=0, low_open=True,
+                      help="share of variance the PCA keeps (< 1), or the number of components (>= 1)")
+    score_type = Param("fre", str, choices=SCORE_TYPES,
+                       help="'fre': feature reconstruction error (M3); 'nll': Gaussian negative log-likelihood (M2)")
     sigma = Param.sigma(4.0)
     image_size = Param.image_size(256)
-    weights = Param(None, str, none=True)
-
-    def _build(self, meta: dict) -> None:
-        if self.layers is None and self.backbone not in DFM_LAYERS:
-            raise AnomalyZooError(f"no default DFM layer for backbone {self.backbone!r}: pass layers=")
-        self.layers_ = list(self.layers or DFM_LAYERS[self.backbone])
-        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained, layers=self.layers_,
-                                          weights=self.weights)
 
     @torch.no_grad()
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,26 +99,26 @@ class DFM(Detector):
         return F.avg_pool2d(e, k) if k > 1 else e
 
     def _fit(self, x: torch.Tensor) -> None:
-        if self.score_type not in SCORE_TYPES:
-            raise AnomalyZooError(f"score_type must be one of {', '.join(SCORE_TYPES)}, got {self.score_type!r}")
         if len(x) < 2:
-            raise AnomalyZooError("DFM needs at least 2 training images to fit a PCA")
-        self._build(self.meta_)
-        self.extractor_.to(self.device_)
+            raise bad(self.name, "train images", len(x), "at least 2 images (a PCA needs two)")
+        stride = self.extractor_.strides[self.layers_[0]]
+        grid = [math.ceil(n / stride) for n in self.shapes_["input_hw"]]  # the first tap's grid
+        if self.pooling_kernel_size > min(grid):
+            raise bad(self.name, "pooling_kernel_size", self.pooling_kernel_size,
+                      f"an integer from 1 to {min(grid)} (the side of the {grid[0]}x{grid[1]} feature grid)")
         feats = extract(self.pooled_features, x, self.predict_batch_size, self.device_, out_device=self.device_)
-        self.meta_["feature_shape"] = list(feats.shape[1:])
         v = feats.flatten(1).double().cpu()  # float64 SVD on the CPU (MPS has no float64)
         mean = v.mean(0)
         _, s, vh = torch.linalg.svd(v - mean, full_matrices=False)
         variances = s**2 / (len(v) - 1)
-        k = n_components_for(variances, self.pca_level)
-        self.meta_["n_components"] = k
+        k = explained_variance_rank(variances, self.pca_level)  # M1: the principal subspace
+        self.shapes_.update(feature_shape=list(feats.shape[1:]), n_components=k)
         self.register_buffer("mean_", mean.float())
         self.register_buffer("components_", vh[:k].float().contiguous())  # W, [k, D]
         self.register_buffer("variances_", variances[:k].float().clamp_min(1e-12))  # lambda, [k]
 
     def project(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``v [B, D]`` -> (PCA coordinates z ``[B, k]``, reconstruction mu + W^T z ``[B, D]``)."""
+        """``v [B, D]`` -> (PCA coordinates z ``[B, k]`` (M1), reconstruction mu + W^T z ``[B, D]``)."""
         z = (v - self.mean_) @ self.components_.T
         return z, self.mean_ + z @ self.components_
 
@@ -140,10 +127,7 @@ class DFM(Detector):
         v = feats.flatten(1)
         z, recon = self.project(v)
         residual = (v - recon).pow(2)
-        if self.score_type == "nll":
-            scores = gaussian_nll(z, self.variances_)
-        else:
-            scores = residual.sum(1)
+        scores = gaussian_nll(z, self.variances_) if self.score_type == "nll" else residual.sum(1)  # M2 or M3
         maps = residual.view_as(feats).sum(1)
         maps = gaussian_blur(upsample(maps, x.shape[-2:]), self.sigma)
         return scores, maps

@@ -45,21 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...backbones import create_backbone
-from ...base import Detector
-from ...ops import gaussian_blur, upsample
-from ...params import Param
+from ...base import FeatureDetector
+from ...ops import explained_variance_rank, extract, gaussian_blur, upsample
+from ...params import Param, bad
 from ...registry import register
-from ...training import fit_loop
-from ...utils import AnomalyZooError
-from .common import extract
-
-#: the layers whose regional features are concatenated (all stages up to stride 16)
-DFR_LAYERS = {
-    "efficientnet_lite0": ("stage1", "stage2", "stage3", "stage4", "stage5"),
-    "resnet18": ("layer1", "layer2", "layer3"),
-    "wide_resnet50_2": ("layer1", "layer2", "layer3"),
-}
+from .common import retap, stages_up_to
 
 
 class FeatureCAE(nn.Module):
@@ -81,42 +71,42 @@ class FeatureCAE(nn.Module):
 
 def pca_dimension(features: torch.Tensor, level: float = 0.9) -> int:
     """Number of principal components of the rows of ``features [n, C]`` that explain ``level`` of the variance."""
-    v = features.double() - features.double().mean(0)
-    s = torch.linalg.svdvals(v)
-    ratio = torch.cumsum(s**2, 0) / (s**2).sum()
-    return int(min(int((ratio < level).sum()) + 1, features.shape[1]))
+    s = torch.linalg.svdvals(features.double() - features.double().mean(0))
+    return explained_variance_rank(s**2, level)
 
 
 @register("dfr", family="feature", paper="Unsupervised Anomaly Segmentation via Deep Feature Reconstruction",
           year=2021, bibkey="yang2021dfr", localizes=True, trains=True,
-          quick=dict(image_size=128, region_size=8, epochs=10, lr=1e-3))
-class DFR(Detector):
+          quick=dict(image_size=128, region_size=8, epochs=10, lr=1e-3),
+          deviations=("backbone: EfficientNet-Lite0 stages 1-5 (strides 2 to 16, 272 channels) instead of the "
+                      "12 VGG19 layers relu1_1 .. relu4_4 of the authors' code",
+                      "the training settings (Adam, lr 1e-4, batch 4, 150 epochs) and the latent size (PCA at 90 % "
+                      "on the first ten images) are those of the authors' code, not checked against the paper's text",
+                      "the equation labels D1-D3 are the library's, not the paper's numbering"))
+class DFR(FeatureDetector):
     """1x1-convolution auto-encoder on multi-scale regional features; feature reconstruction error map."""
 
     predict_batch_size = 8  # the resized maps of 256 px images are large
+    default_strides = (4, 8, 16)  # then widened to every stage up to the coarsest of them (see _build)
 
-    backbone = Param("efficientnet_lite0", str)
-    pretrained = Param(True, bool)
-    layers = Param(None, object, none=True)
-    region_size = Param(4, int)
-    latent_dim = Param(None, int, none=True)
-    pca_level = Param(0.9, float)
+    region_size = Param(4, int, low=1, help="r: side of the r x r regions averaged into one vector (D1)")
+    latent_dim = Param(None, int, low=1, none=True, help="c: the CAE's code size (None: by PCA, pca_level)")
+    pca_level = Param(0.9, float, low=0, high=1, low_open=True,
+                      help="share of variance that sets c when latent_dim is None")
     epochs = Param.epochs(150)
     batch_size = Param.batch_size(4)
     lr = Param.lr(1e-4)
     sigma = Param.sigma(0.0)
     image_size = Param.image_size(256)
-    weights = Param(None, str, none=True)
 
-    # the networks: a frozen extractor, and the CAE once its sizes are known
-    def _build(self, meta: dict) -> None:
-        if self.layers is None and self.backbone not in DFR_LAYERS:
-            raise AnomalyZooError(f"no default DFR layers for backbone {self.backbone!r}: pass layers=")
-        self.layers_ = list(self.layers or DFR_LAYERS[self.backbone])
-        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained, layers=self.layers_,
-                                          weights=self.weights)
-        if "latent_dim" in meta:
-            self.net_ = FeatureCAE(meta["channels"], meta["latent_dim"])
+    # the networks: a frozen extractor read at every stage up to stride 16, and the CAE once its sizes are known
+    def _build(self, shapes: dict) -> None:
+        super()._build(shapes)
+        if self.layers is None:  # every stage up to stride 16, as the paper reads every VGG19 layer to relu4_4
+            self.extractor_ = retap(self.extractor_, stages_up_to(self.extractor_, max(self.default_strides)))
+            self.layers_ = list(self.extractor_.layers)
+        if "latent_dim" in shapes:  # az.load: the CAE of the saved sizes
+            self.net_ = FeatureCAE(shapes["channels"], shapes["latent_dim"])
 
     @torch.no_grad()
     def regional_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,30 +119,26 @@ class DFR(Detector):
             parts.append(F.avg_pool2d(f, r, stride=r) if r > 1 else f)
         return torch.cat(parts, dim=1)
 
-    def _loss(self, feats: torch.Tensor) -> torch.Tensor:
+    def _step(self, feats: torch.Tensor, ctx) -> torch.Tensor:
+        """Eq. D2: the mean squared error of the CAE's reconstruction of a batch of regional features."""
         return F.mse_loss(self.net_(feats), feats)
 
     def _fit(self, x: torch.Tensor) -> None:
-        if x.shape[-1] % self.region_size or x.shape[-2] % self.region_size:
-            raise AnomalyZooError(f"image size {tuple(x.shape[-2:])} is not a multiple of region_size={self.region_size}")
-        self._build(self.meta_)
-        self.extractor_.to(self.device_)
+        h, w = self.shapes_["input_hw"]
+        if h % self.region_size or w % self.region_size:
+            raise bad(self.name, "region_size", self.region_size, f"a divisor of the image size {h}x{w}")
         feats = extract(self.regional_features, x, self.predict_batch_size, self.device_)  # CPU, [N, C, h, w]
         channels = feats.shape[1]
         latent = self.latent_dim
-        if latent is None:
+        if latent is None:  # the PCA estimate of c, on the regions of the first ten images (authors' code)
             first = feats[:10].permute(0, 2, 3, 1).reshape(-1, channels)
             latent = pca_dimension(first, self.pca_level)
-        self.meta_.update(channels=int(channels), latent_dim=int(latent), grid=list(feats.shape[-2:]))
-        self.net_ = FeatureCAE(channels, latent)
-        self.meta_["history"] = fit_loop(self.net_, self._loss, feats, epochs=self.epochs, batch_size=self.batch_size,
-                                         lr=self.lr, device=self.device_, seed=self.seed, desc="dfr",
-                                         checkpoint=self.checkpoint)
+        self.shapes_.update(channels=int(channels), latent_dim=int(latent), grid=list(feats.shape[-2:]))
+        self.net_ = FeatureCAE(channels, latent).to(self.device_)
+        self._train(self._step, feats, module=self.net_)
 
     def _score(self, x: torch.Tensor):
         feats = self.regional_features(x)
         maps = (feats - self.net_(feats)).pow(2).mean(1)  # eq. D3
-        maps = upsample(maps, x.shape[-2:])
-        if self.sigma > 0:
-            maps = gaussian_blur(maps, self.sigma)
+        maps = gaussian_blur(upsample(maps, x.shape[-2:]), self.sigma)
         return maps.flatten(1).amax(1), maps

@@ -48,20 +48,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ...backbones import create_backbone
-from ...base import Detector
-from ...ops import gaussian_blur, upsample
+from ...base import FeatureDetector
+from ...ops import MAX_ELEMENTS, extract, gaussian_blur, knn, one_thread_on_cpu, upsample
 from ...params import Param
 from ...registry import register
-from ...utils import AnomalyZooError
-from .common import MAX_ELEMENTS, embed, extract, knn, one_thread_on_cpu
-
-#: the two mid-level taps (strides 8 and 16) of each backbone: the paper's "layer2 + layer3"
-PATCHCORE_LAYERS = {
-    "efficientnet_lite0": ("stage3", "stage5"),
-    "resnet18": ("layer2", "layer3"),
-    "wide_resnet50_2": ("layer2", "layer3"),
-}
+from .common import embed
 
 
 def random_projection(features: torch.Tensor, dim: int | None, seed: int = 0) -> torch.Tensor:
@@ -89,7 +80,7 @@ def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int | None = 128, s
     O(N n d*): quadratic in the bank size N at a fixed ratio, about 4-5 ms per step for the
     204,800 patches of the full preset on one CPU core (memory-bound: a second thread does
     not help, so the loop runs on one, see
-    :func:`~anomaly_zoo.models.feature.common.one_thread_on_cpu`).
+    :func:`~anomaly_zoo.ops.one_thread_on_cpu`).
 
     Two designs were measured and rejected: (1) skipping, by the triangle inequality, the rows
     whose nearest centre a has ||c - a|| >= 2 min_d (Elkan 2003): on PatchCore features 15 to
@@ -138,31 +129,26 @@ def reweight(s_star: torch.Tensor, neighbour_dists: torch.Tensor) -> torch.Tenso
 
 @register("patchcore", family="feature", paper="Towards Total Recall in Industrial Anomaly Detection", year=2022,
           bibkey="roth2022patchcore", localizes=True, trains=False,
-          quick=dict(image_size=224, coreset_ratio=0.01))
-class PatchCore(Detector):
+          quick=dict(image_size=224, coreset_ratio=0.01),
+          deviations=("backbone: EfficientNet-Lite0 taps stage3 + stage5 (strides 8 and 16, 152 channels) instead "
+                      "of Wide-ResNet50-2 layer2 + layer3 (1536 channels)",
+                      "images resized to image_size (256) without the paper's centre crop to 224",
+                      "the paper leaves b of eq. 7 open: b = 9 here (anomalib's choice)"))
+class PatchCore(FeatureDetector):
     """Coreset memory bank of locally aware patch features; nearest-neighbour distance map."""
 
     predict_batch_size = 16  # 256 px backbone activations stay well under a GB
+    default_strides = (8, 16)  # the paper's layer2 + layer3: two mid-level taps
 
-    backbone = Param("efficientnet_lite0", str)
-    pretrained = Param(True, bool)
-    layers = Param(None, object, none=True)
-    patch_size = Param(3, int)
-    coreset_ratio = Param(0.1, float)
-    proj_dim = Param(128, int, none=True)
-    num_neighbors = Param(9, int)
+    patch_size = Param(3, int, low=1, help="p: the p x p neighbourhood averaged into each patch feature (eq. 1)")
+    coreset_ratio = Param(0.1, float, low=0, high=1, low_open=True,
+                          help="share of the memory bank kept by the greedy coreset (Algorithm 1)")
+    proj_dim = Param(128, int, low=1, none=True,
+                     help="d*: random projection used by the coreset search (None: the full features)")
+    num_neighbors = Param(9, int, low=1, help="b: bank neighbours of m* in the re-weighting (eq. 7)")
     sigma = Param.sigma(4.0)
     image_size = Param.image_size(256)
-    max_elements = Param(MAX_ELEMENTS, int)
-    weights = Param(None, str, none=True)
-
-    # the network: a frozen feature extractor
-    def _build(self, meta: dict) -> None:
-        if self.layers is None and self.backbone not in PATCHCORE_LAYERS:
-            raise AnomalyZooError(f"no default PatchCore layers for backbone {self.backbone!r}: pass layers=")
-        self.layers_ = list(self.layers or PATCHCORE_LAYERS[self.backbone])
-        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained, layers=self.layers_,
-                                          weights=self.weights)
+    max_elements = Param(MAX_ELEMENTS, int, low=1, help="distance-matrix entries computed at once (memory bound)")
 
     @torch.no_grad()
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,12 +160,8 @@ class PatchCore(Detector):
 
     # memory bank and coreset: eqs. 4-5, Algorithm 1
     def _fit(self, x: torch.Tensor) -> None:
-        if not 0 < self.coreset_ratio <= 1:
-            raise AnomalyZooError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        self._build(self.meta_)
-        self.extractor_.to(self.device_)
         feats = extract(self.patch_features, x, self.predict_batch_size, self.device_, out_device=self.device_)
-        self.meta_["grid"] = list(feats.shape[-2:])
+        self.shapes_["grid"] = list(feats.shape[-2:])
         bank = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
         del feats
         n_total = len(bank)
@@ -187,8 +169,8 @@ class PatchCore(Detector):
         t0 = time.perf_counter()
         if n < n_total:
             bank = bank[greedy_coreset(bank, n, self.proj_dim, seed=self.seed)]
-        self.meta_.update(n_patches=int(n_total), coreset_size=int(len(bank)),
-                          coreset_seconds=round(time.perf_counter() - t0, 3))
+        self.diagnostics_.update(n_patches=int(n_total), coreset_size=int(len(bank)),
+                                 coreset_seconds=round(time.perf_counter() - t0, 3))
         self.register_buffer("memory_bank_", bank.contiguous())
 
     def nearest(self, query: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

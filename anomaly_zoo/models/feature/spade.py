@@ -46,47 +46,40 @@ from __future__ import annotations
 
 import torch
 
-from ...backbones import DEFAULT_LAYERS, create_backbone
-from ...base import Detector
-from ...ops import gaussian_blur, upsample
+from ...backbones import taps_at
+from ...base import FeatureDetector
+from ...ops import MAX_ELEMENTS, gaussian_blur, knn, upsample
 from ...params import Param
 from ...registry import register
-from ...utils import AnomalyZooError
-from .common import MAX_ELEMENTS, embed, knn, pooled_head
+from .common import embed, pooled_head, retap
 
-#: the deepest tap of each backbone, whose pooled (head) features describe a whole image
-LAST_STAGE = {"efficientnet_lite0": "stage7", "resnet18": "layer4", "wide_resnet50_2": "layer4"}
 IMAGE_SCORES = ("knn", "max")
 
 
 @register("spade", family="feature", paper="Sub-Image Anomaly Detection with Deep Pyramid Correspondences",
           year=2020, bibkey="cohen2020spade", localizes=True, trains=False,
-          quick=dict(image_size=128, k_images=10))
-class SPADE(Detector):
+          quick=dict(image_size=128, k_images=10),
+          deviations=("backbone: EfficientNet-Lite0 (pyramid taps at strides 4, 8, 16; image features from its "
+                      "pooled 1280-channel head) instead of a Wide-ResNet50x2",
+                      "images resized to image_size (256) and not centre-cropped to the paper's 224 px"))
+class SPADE(FeatureDetector):
     """kNN over whole images (pooled features), then kNN over the pixels of the K retrieved images."""
 
     predict_batch_size = 16
 
-    backbone = Param("efficientnet_lite0", str)
-    pretrained = Param(True, bool)
-    layers = Param(None, object, none=True)
-    k_images = Param(50, int)
-    k_pixels = Param(1, int)
-    image_score = Param("knn", str)
+    k_images = Param(50, int, low=1, help="K: nearest normal images retrieved by eq. 1 (capped at the training set)")
+    k_pixels = Param(1, int, low=1, help="kappa: nearest gallery features averaged in eq. 2")
+    image_score = Param("knn", str, choices=IMAGE_SCORES,
+                        help="'knn': eq. 1 on pooled features (the paper); 'max': the maximum of the map")
     sigma = Param.sigma(4.0)
     image_size = Param.image_size(256)
-    max_elements = Param(MAX_ELEMENTS, int)
-    weights = Param(None, str, none=True)
+    max_elements = Param(MAX_ELEMENTS, int, low=1, help="distance-matrix entries computed at once (memory bound)")
 
-    # the network: a frozen extractor tapping the pyramid and the last stage
-    def _build(self, meta: dict) -> None:
-        if self.backbone not in LAST_STAGE:
-            raise AnomalyZooError(f"SPADE does not know the last stage of backbone {self.backbone!r}; "
-                                  f"use one of {', '.join(LAST_STAGE)}")
-        self.layers_ = list(self.layers or DEFAULT_LAYERS[self.backbone])
-        self.last_ = LAST_STAGE[self.backbone]
-        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained,
-                                          layers=[*self.layers_, self.last_], weights=self.weights)
+    # the network: the frozen pyramid taps (FeatureDetector) plus the deepest stage for the pooled head
+    def _build(self, shapes: dict) -> None:
+        super()._build(shapes)
+        self.last_ = taps_at(self.backbone, (32,))[-1]  # stage7 / layer4: what the classifier pools
+        self.extractor_ = retap(self.extractor_, [*self.layers_, self.last_])
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,12 +88,6 @@ class SPADE(Detector):
         return pooled_head(self.extractor_, taps[self.last_]), embed(taps, self.layers_, mode="bilinear")
 
     def _fit(self, x: torch.Tensor) -> None:
-        if self.image_score not in IMAGE_SCORES:
-            raise AnomalyZooError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
-        if self.k_images < 1 or self.k_pixels < 1:
-            raise AnomalyZooError(f"k_images and k_pixels must be >= 1, got {self.k_images} and {self.k_pixels}")
-        self._build(self.meta_)
-        self.extractor_.to(self.device_)
         glob, pyr = [], []
         for i in range(0, len(x), self.predict_batch_size):
             g, p = self.features(x[i : i + self.predict_batch_size].to(self.device_))
@@ -108,7 +95,7 @@ class SPADE(Detector):
             pyr.append(p)
         self.register_buffer("train_features_", torch.cat(glob))  # the image-level gallery, [N, G]
         self.register_buffer("train_pyramids_", torch.cat(pyr))  # the pixel-level galleries, [N, C, h, w]
-        self.meta_["grid"] = list(self.train_pyramids_.shape[-2:])
+        self.shapes_["grid"] = list(self.train_pyramids_.shape[-2:])
 
     def nearest_images(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 1's neighbours: squared distances ``[B, K]`` and indices of the K nearest training images."""

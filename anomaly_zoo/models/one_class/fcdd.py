@@ -7,16 +7,19 @@ explanation.
 * Network (Sec. 3): a fully convolutional network phi: R^{c x h x w} -> R^{u x v}. The
   paper's MVTec-AD network is the first ten layers of an ImageNet-pretrained VGG11
   (frozen) plus trainable convolutions down to one channel. Here: the library's
-  pretrained EfficientNet-Lite0 up to ``layers="stage3"`` (stride 8, receptive field 67
-  px; frozen, BatchNorm statistics included) plus a trainable head conv 3x3 -> BN ->
-  ReLU -> conv 1x1 to one channel (receptive field 83 px at stride 8).
+  pretrained backbone up to one tap (``layers=None``: the tap at stride 8, Lite0's
+  stage3; frozen, BatchNorm statistics included) plus a trainable head conv 3x3 -> BN ->
+  ReLU -> conv 1x1 to one channel. Its receptive field (83 px at stride 8 for Lite0's
+  stage3 plus the head) is read from the backbone's own layer geometry
+  (``FeatureExtractor.receptive_field``), never re-described here.
 * Pseudo-Huber heatmap (eq. 1): A(X) = sqrt(phi(X; W)^2 + 1) - 1, a smooth |phi|.
 * Loss with outliers (eq. 2; y = 1 for an anomalous image):
       min_W 1/n sum_i (1 - y_i) 1/(u v) ||A(X_i)||_1
                        - y_i log(1 - exp(-1/(u v) ||A(X_i)||_1))
   Normal images are pulled to an all-zero heatmap, anomalous ones pushed away. No real
-  anomalies are needed: as in the paper's MVTec-AD setting, each training batch has
-  half of its images corrupted by *confetti noise* (coloured blobs) from the library's
+  anomalies are needed: as in the paper's MVTec-AD setting, each training image is
+  replaced with probability 1/2 by a copy with *confetti noise* added (smoothed, rotated
+  coloured and white squares, built as the reference code does) from the library's
   training-time synthesis (:mod:`anomaly_zoo.synthesis`), never by the test defects.
   With outliers in the loss the trivial constant solution is no longer a minimum, so
   FCDD, unlike Deep SVDD, needs no bias-free network.
@@ -27,8 +30,11 @@ explanation.
   MVTec-AD runs at 224 px; the quick preset scales it to 128 px), each heatmap pixel
   spreading its score over the input pixels it sees, centred where it looks.
 
-Paper settings (default preset): 224 px, 200 epochs, batch 16, lr 1e-3, weight decay
-1e-6, confetti noise on half of the batch. Quick: 128 px and 15 epochs.
+Default preset: the reference code's MVTec-AD configuration (``DefaultMvtecConfig``):
+224 px, 200 epochs, SGD with momentum 0.9, lr 1e-3 multiplied by 0.985 after every
+epoch, weight decay 1e-5, an effective batch of 128, confetti noise on half of the
+images. What the library does differently (backbone, no local contrast normalisation,
+...) is listed in the model card's ``deviations``. Quick: 128 px, Adam, batch 16, 15 epochs.
 """
 from __future__ import annotations
 
@@ -36,59 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...backbones import create_backbone
-from ...backbones.efficientnet import _LITE0_STAGES
-from ...base import Detector
-from ...params import Param
+from ...base import FeatureDetector
+from ...ops import gaussian_kernel2d
+from ...params import Param, bad
 from ...registry import register
 from ...synthesis import KINDS, synthesize
-from ...training import fit_loop
-from ...utils import AnomalyZooError
-
-
-# ----------------------------------------------------------------------- receptive field
-def _lite0_layers(upto: str):
-    """(kernel, stride, pad_top) of every spatial layer of EfficientNet-Lite0 up to a tap (TF "SAME" on
-    even inputs: a stride-2 k x k convolution pads (k - 2) // 2 on the top/left)."""
-    layers = [(3, 2, 0)]  # stem
-    for i, (_, k, s, _, repeats) in enumerate(_LITE0_STAGES, start=1):
-        for r in range(repeats):
-            stride = s if r == 0 else 1
-            layers.append((k, stride, (k - 2) // 2 if stride == 2 else k // 2))
-        if f"stage{i}" == upto:
-            return layers
-    raise AnomalyZooError(f"unknown efficientnet_lite0 tap {upto!r}")
-
-
-def _resnet_layers(upto: str, bottleneck: bool):
-    layers = [(7, 2, 3), (3, 2, 1)]  # conv1, maxpool
-    for i, blocks in enumerate((2, 2, 2, 2) if not bottleneck else (3, 4, 6, 3), start=1):
-        for b in range(blocks):
-            stride = 2 if (b == 0 and i > 1) else 1
-            layers += [(3, stride, 1)] if bottleneck else [(3, stride, 1), (3, 1, 1)]
-        if f"layer{i}" == upto:
-            return layers
-    raise AnomalyZooError(f"unknown resnet tap {upto!r}")
-
-
-def receptive_field(layers) -> tuple[int, int, float]:
-    """Walk ``(kernel, stride, pad_top)`` layers: returns (size r, jump j, centre c) so that output cell i
-    sees input pixels whose centre is ``c + i * j`` and extent ``r``."""
-    r, j, c = 1, 1, 0.0
-    for k, s, pad in layers:
-        c += j * ((k - 1) / 2 - pad)
-        r += (k - 1) * j
-        j *= s
-    return r, j, c
-
-
-def backbone_layers(backbone: str, tap: str):
-    if backbone == "efficientnet_lite0":
-        return _lite0_layers(tap)
-    if backbone in ("resnet18", "wide_resnet50_2"):
-        return _resnet_layers(tap, bottleneck=backbone != "resnet18")
-    raise AnomalyZooError(f"FCDD knows the receptive field of efficientnet_lite0, resnet18 and "
-                          f"wide_resnet50_2, not of {backbone!r}")
 
 
 # ----------------------------------------------------------------------- loss and upsampling
@@ -104,19 +62,11 @@ def fcdd_loss(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((1 - y) * m + y * anomalous).mean()
 
 
-def gaussian_kernel(size: int, std: float) -> torch.Tensor:
-    """The 2-D Gaussian ``[size, size]`` of the receptive field, normalised to sum 1 (the scale of the
-    map does not change any ranking; the paper's code leaves the peak at 1)."""
-    t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-0.5 * (t / std) ** 2)
-    k = g[:, None] * g[None, :]
-    return (k / k.sum()).float()
-
-
 def receptive_upsample(a: torch.Tensor, size, r: int, j: int, c: float, std: float) -> torch.Tensor:
     """Algorithm 1: ``a [B, u, v]`` -> ``[B, H, W]`` by a transposed convolution with the Gaussian kernel
-    (size ``r``, stride ``j``) placed on each cell's receptive-field centre ``c + i * j``."""
-    kernel = gaussian_kernel(r, std).to(a)
+    (size ``r``, stride ``j``) placed on each cell's receptive-field centre ``c + i * j``. The kernel is
+    normalised to sum 1 (the paper's code leaves its peak at 1; the scale changes no ranking)."""
+    kernel = gaussian_kernel2d(r, std).to(a)
     out = F.conv_transpose2d(a[:, None], kernel[None, None], stride=j)[:, 0]
     # cell i's kernel centre lands on output index i*j + (r-1)/2; shift so it lands on c + i*j
     off = int(round((r - 1) / 2 - c))
@@ -140,33 +90,53 @@ class FCDDHead(nn.Module):
         return self.net(f)[:, 0]
 
 
+#: the head's 3x3 convolution (kernel, stride, pad), added to the backbone's receptive field
+HEAD_GEOMETRY = [(3, 1, 1)]
+
+
 @register("fcdd", family="one_class", paper="Explainable Deep One-Class Classification", year=2021,
           bibkey="liznerski2021fcdd", localizes=True, trains=True,
-          quick=dict(image_size=128, epochs=15, gauss_std=7.0))
-class FCDD(Detector):
+          quick=dict(image_size=128, epochs=15, batch_size=16, optimizer="adam", gauss_std=7.0),
+          deviations=("backbone: EfficientNet-Lite0 up to stage3 (stride 8, frozen) + a conv 3x3 / BN / ReLU / "
+                      "conv 1x1 head, instead of the first ten layers of an ImageNet VGG11 + trainable convolutions",
+                      "no local contrast normalisation with per-class min-max scaling and no colour-jitter / noise "
+                      "augmentation of the inputs: the backbone sees [0, 1] images with its own ImageNet "
+                      "normalisation",
+                      "SGD momentum 0.9 without Nesterov (the reference code uses Nesterov)",
+                      "one batch of 128 images per step (the reference accumulates 8 batches of 16: the same "
+                      "gradient, but batch norm statistics over 128 instead of 16)",
+                      "confetti noise: sizes and blob counts are scaled from 224 px to image_size; the reference's "
+                      "random noise inversion for nearly unchanged images is kept, its nearest-neighbour rotation "
+                      "is replaced by an exact rotated-square test",
+                      "quick preset: Adam, batch 16 and 15 epochs (the paper's SGD schedule needs its 200 epochs)"))
+class FCDD(FeatureDetector):
     """Fully convolutional data description: pseudo-Huber heatmaps, confetti outliers, Gaussian upsampling."""
 
-    backbone = Param("efficientnet_lite0", str)
-    pretrained = Param(True, bool)
-    layers = Param("stage3", str)
-    weights = Param(None, str, none=True)
-    hidden = Param(128, int)
+    default_strides = (8,)  # one tap: Lite0's stage3, the ResNets' layer2
+
+    hidden = Param(128, int, low=1, help="channels of the head's 3x3 convolution")
     image_size = Param.image_size(224)
     epochs = Param.epochs(200)
-    batch_size = Param.batch_size(16)
+    batch_size = Param(128, int, low=2, help="images per step (the paper: 8 accumulated batches of 16)")
     lr = Param.lr(1e-3)
-    weight_decay = Param.weight_decay(1e-6)
-    synthesis = Param("confetti", str)
-    p_anomalous = Param(0.5, float)
-    gauss_std = Param(12.0, float)
+    weight_decay = Param.weight_decay(1e-5)
+    optimizer = Param("sgd", str, choices=("sgd", "adam"), help="the paper's SGD (momentum 0.9) or Adam")
+    lr_decay = Param(0.985, float, low=0, high=1, low_open=True, help="learning rate factor per epoch (1: constant)")
+    synthesis = Param("confetti", str, choices=tuple(KINDS), help="the synthetic outliers (anomaly_zoo.synthesis)")
+    p_anomalous = Param(0.5, float, low=0, high=1, low_open=True, high_open=True,
+                        help="share of each batch replaced by synthetic outliers")
+    gauss_std = Param(12.0, float, low=0, low_open=True, help="std of the upsampling Gaussian, px (Algorithm 1)")
 
-    def _build(self, meta: dict) -> None:
-        tap = self.layers if isinstance(self.layers, str) else list(self.layers)[-1]
-        self.tap_ = tap
-        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained, layers=[tap],
-                                          weights=self.weights)
-        self.head_ = FCDDHead(self.extractor_.channels[tap], self.hidden)
-        r, j, c = receptive_field(backbone_layers(self.backbone, tap) + [(3, 1, 1)])  # + the head's 3x3
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.layers is not None and len(self.layers) != 1:
+            raise bad(self.name, "layers", self.layers, "one tap name (FCDD reads one stage), or None")
+
+    def _build(self, shapes: dict) -> None:
+        super()._build(shapes)
+        self.tap_ = self.layers_[-1]
+        self.head_ = FCDDHead(self.extractor_.channels[self.tap_], self.hidden)
+        r, j, c = self.extractor_.receptive_field(self.tap_, extra=HEAD_GEOMETRY)  # the backbone's own geometry
         self.rf_ = (r if r % 2 else r + 1, j, c)
 
     def heatmap(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,24 +145,14 @@ class FCDD(Detector):
             f = self.extractor_(x)[self.tap_]
         return pseudo_huber(self.head_(f))
 
-    def _loss(self, x: torch.Tensor) -> torch.Tensor:
-        xb, _, y = synthesize(x, self.synthesis, self._gen, p=self.p_anomalous)
-        return fcdd_loss(self.heatmap(xb), y)
+    def _step(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        xb, _, y = synthesize(x, self.synthesis, ctx.generator, p=self.p_anomalous)
+        return fcdd_loss(self.heatmap(xb), y)  # eq. (2)
 
     def _fit(self, x: torch.Tensor) -> None:
-        if self.synthesis not in KINDS:
-            raise AnomalyZooError(f"unknown synthesis {self.synthesis!r}; use one of {', '.join(KINDS)}")
-        self._build(self.meta_)
-        self.extractor_.to(self.device_)
-        self._gen = torch.Generator().manual_seed(self.seed)
-        try:
-            self.meta_["history"] = fit_loop(self.head_, self._loss, x, epochs=self.epochs,
-                                             batch_size=self.batch_size, lr=self.lr,
-                                             weight_decay=self.weight_decay, device=self.device_, seed=self.seed,
-                                             desc="fcdd", checkpoint=self.checkpoint)
-        finally:
-            del self._gen
-        self.meta_["receptive_field"] = list(self.rf_)
+        schedule = dict(schedule="exponential", gamma=self.lr_decay) if self.lr_decay < 1 else {}
+        self._train(self._step, x, module=self.head_, optimizer=self.optimizer, momentum=0.9, **schedule)
+        self.diagnostics_["receptive_field"] = list(self.rf_)
 
     def _score(self, x: torch.Tensor):
         a = self.heatmap(x)
@@ -201,4 +161,4 @@ class FCDD(Detector):
         return a.flatten(1).mean(1), maps
 
 
-__all__ = ["FCDD", "backbone_layers", "fcdd_loss", "gaussian_kernel", "pseudo_huber", "receptive_field", "receptive_upsample"]
+__all__ = ["FCDD", "fcdd_loss", "pseudo_huber", "receptive_upsample"]

@@ -16,7 +16,8 @@ positive inside the learned support of normal data. ``nu`` in (0, 1] upper-bound
 fraction of training points outside and lower-bounds the fraction of support vectors.
 
 * Features: the images go through a frozen ImageNet backbone; each tap in ``layers``
-  is average-pooled over space and the taps are concatenated (a "deep features +
+  (default: the taps at strides 8 and 16, Lite0's stage3 and stage5) is average-pooled
+  over space and the taps are concatenated (a "deep features +
   classical detector" baseline as in Ruff et al. 2018's comparisons).
 * ``gamma``: the median heuristic, 1 / median of the pairwise squared distances
   between training features (a common default that needs no labels).
@@ -30,14 +31,10 @@ from __future__ import annotations
 
 import torch
 
-from ...backbones import create_backbone
-from ...base import Detector
+from ...base import FeatureDetector
+from ...ops import extract
 from ...params import Param
 from ...registry import register
-
-#: taps pooled by default: the mid (stride 8) and the deepest tapped stage (stride 16) of Lite0
-DEFAULT_TAPS = {"efficientnet_lite0": ("stage3", "stage5"), "resnet18": ("layer2", "layer3"),
-                "wide_resnet50_2": ("layer2", "layer3")}
 
 
 def median_gamma(feats: torch.Tensor) -> float:
@@ -57,23 +54,22 @@ def decision_function(z: torch.Tensor, support: torch.Tensor, dual_coef: torch.T
 
 
 @register("ocsvm", family="one_class", paper="Estimating the Support of a High-Dimensional Distribution",
-          year=2001, bibkey="scholkopf2001ocsvm", localizes=False, trains=False, quick=dict(image_size=64))
-class OCSVM(Detector):
+          year=2001, bibkey="scholkopf2001ocsvm", localizes=False, trains=False, quick=dict(image_size=64),
+          deviations=("the paper's OC-SVM runs on raw inputs with a hand-set gamma; here on spatially pooled "
+                      "EfficientNet-Lite0 features (stages 3 and 5, strides 8 and 16) with the median-heuristic "
+                      "gamma (a deep-features baseline as in Ruff et al. 2018's comparisons)",
+                      "solved by scikit-learn's libsvm; the decision function is re-evaluated in torch"))
+class OCSVM(FeatureDetector):
     """One-class SVM (RBF kernel, median-heuristic gamma) on pooled pretrained CNN features."""
 
-    backbone = Param("efficientnet_lite0", str)
-    pretrained = Param(True, bool)
-    layers = Param(None, object, none=True)
-    nu = Param(0.1, float)
-    gamma = Param(None, float, none=True)
-    image_size = Param.image_size(224)
-    weights = Param(None, str, none=True)
+    #: taps pooled by default: the mid (stride 8) and the deepest tapped stage (stride 16)
+    default_strides = (8, 16)
 
-    def _build(self, meta: dict) -> None:
-        layers = list(self.layers or DEFAULT_TAPS.get(self.backbone, ()))
-        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained, layers=layers or None,
-                                          weights=self.weights)
-        self.layers_ = list(self.extractor_.layers)
+    nu = Param(0.1, float, low=0, high=1, low_open=True,
+               help="upper bound on the training fraction outside, lower bound on the support-vector fraction (eq. 3)")
+    gamma = Param(None, float, low=0, low_open=True, none=True,
+                  help="RBF kernel width of eq. 4; None: the median heuristic 1 / median ||x_i - x_j||^2")
+    image_size = Param.image_size(224)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,23 +80,21 @@ class OCSVM(Detector):
     def _fit(self, x: torch.Tensor) -> None:
         from sklearn.svm import OneClassSVM
 
-        if not 0 < self.nu <= 1:
-            raise ValueError(f"nu must lie in (0, 1], got {self.nu}")
-        self._build(self.meta_)
-        self.extractor_.to(self.device_)
-        z = torch.cat([self.features(x[i : i + 32]) for i in range(0, len(x), 32)]).cpu().double()
+        z = extract(self.features, x, self.predict_batch_size, self.device_).double()
         gamma = float(self.gamma) if self.gamma is not None else median_gamma(z)
         svm = OneClassSVM(kernel="rbf", nu=self.nu, gamma=gamma).fit(z.numpy())
-        self.meta_.update(gamma=gamma, n_support=int(len(svm.support_)))
-        self.register_buffer("support_vectors_", torch.from_numpy(svm.support_vectors_).double())
-        self.register_buffer("dual_coef_", torch.from_numpy(svm.dual_coef_[0]).double())
-        self.register_buffer("intercept_", torch.tensor(float(svm.intercept_[0]), dtype=torch.float64))
-        self.register_buffer("gamma_", torch.tensor(gamma, dtype=torch.float64))
+        self.diagnostics_["n_support"] = int(len(svm.support_))
+        self.register_buffer("support_vectors_", torch.from_numpy(svm.support_vectors_).double().to(self.device_))
+        self.register_buffer("dual_coef_", torch.from_numpy(svm.dual_coef_[0]).double().to(self.device_))
+        self.register_buffer("intercept_", torch.tensor(float(svm.intercept_[0]), dtype=torch.float64,
+                                                        device=self.device_))
+        # gamma is state (scoring needs it), so it is a buffer, saved with the support vectors
+        self.register_buffer("gamma_", torch.tensor(gamma, dtype=torch.float64, device=self.device_))
 
     def decision_function(self, images) -> torch.Tensor:
         """The SVM's ``f(x)`` for images (positive = inside the normal support), like scikit-learn's."""
         x = self._prepare(images, "images")
-        z = torch.cat([self.features(x[i : i + 32]) for i in range(0, len(x), 32)])
+        z = extract(self.features, x, self.predict_batch_size, self.device_, out_device=self.device_)
         return decision_function(z, self.support_vectors_, self.dual_coef_, self.intercept_, self.gamma_).cpu()
 
     def _score(self, x: torch.Tensor):

@@ -10,8 +10,12 @@ that keeps the embedding informative.
   jittered by a few pixels around p_i (the reference code: at most K/32 px).
 * Self-supervised learning (eq. 4, after Doersch et al. 2015): a classifier C predicts
   the relative position (one of 8 neighbours in a 3x3 grid) of p2 with respect to p1
-  from f(p1) - f(p2): L_SSL = cross-entropy(y, C(f(p1) - f(p2))). p2 lies 3K/4 to K
-  pixels away from p1 in its direction (the reference code's sampling).
+  from f(p1) - f(p2): L_SSL = cross-entropy(y, C(f(p1) - f(p2))). As in the reference
+  code: p1 lies anywhere in the image and p2 3K/4 to K-1 pixels away in its direction,
+  clipped to the image; both patches get a random colour shift (std 0.02 per channel)
+  and per-pixel noise (std 0.02); C is the MLP D-128-128-8 whose last layer has a fixed,
+  column-normalised random weight and a trained bias (the reference computes that weight
+  under ``no_grad``, so it never trains).
 * Total (eq. 5): L = lambda L_SVDD' + L_SSL, summed over the two patch sizes.
 * Hierarchical encoder (Sec. 3.3, Fig. 6): f_big (patch K) splits its patch into 2x2
   sub-patches of K/2, encodes each with f_small and merges them with a 2x2 convolution
@@ -28,8 +32,10 @@ fully convolutional: one pass over a whole image gives every patch embedding at 
 (f_big by a dilated 2x2 convolution over f_small's map). The tests check that this dense
 pass equals encoding each patch alone.
 
-Paper settings (default preset): 256 px images, K = 64 and 32, test strides 16 and 4,
-lambda = 1, Adam, lr 1e-4, 300 epochs of 100 patch pairs per image, batch 64.
+Default preset (the paper's and its reference code's settings): 256 px images, K = 64 and
+32, test strides 16 and 4, lambda = 1, Adam, lr 1e-4, 300 epochs of 100 patch pairs per
+image, batch 64, inputs centred by the training set's mean image. Its differences from
+the paper are listed in the model card's ``deviations``.
 The quick preset halves everything spatially (128 px, K = 32 and 16; f_small for 16 px
 is the same design with 3 instead of 7 valid 3x3 layers), uses test strides of 8 and
 trains on far fewer pairs.
@@ -41,9 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base import Detector
-from ...params import Param
+from ...ops import knn, window_mean
+from ...params import Param, bad
 from ...registry import register
-from ...training import fit_loop
 from ...utils import AnomalyZooError
 
 #: (dy, dx) of the 8 relative positions (row-major 3x3 grid without its centre), the SSL labels
@@ -100,13 +106,28 @@ class HierEncoder(nn.Module):
         return self.merge(small_map, dilation=self.small.k // 2)
 
 
+class NormalizedLinear(nn.Module):
+    """The reference code's last layer of C: a linear map whose weight columns are divided by their
+    norm inside ``torch.no_grad()``, so only the bias learns and the weight stays its (normalised)
+    random initialisation. Kept that way here: a fixed random projection, a trained bias."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        lin = nn.Linear(cin, cout)  # PyTorch's default init, as the reference's reset_parameters
+        self.register_buffer("weight", lin.weight.detach() / lin.weight.detach().norm(dim=0, keepdim=True))
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
 class PositionClassifier(nn.Module):
     """C: f(p1) - f(p2) -> logits over the 8 relative positions (the reference MLP D-128-128-8)."""
 
     def __init__(self, d: int = 64):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d, 128), nn.LeakyReLU(0.1), nn.Linear(128, 128), nn.LeakyReLU(0.1),
-                                 nn.Linear(128, 8))
+                                 NormalizedLinear(128, 8))
 
     def forward(self, h1, h2):
         return self.net((h1 - h2).flatten(1))
@@ -121,115 +142,114 @@ def crop(x: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, k: int) -> to
 
 
 def sample_position_pairs(b: int, h: int, w: int, k: int, g: torch.Generator):
-    """SSL pairs: p1 anywhere its 8 neighbours fit; p2 3K/4..K-1 px away in direction ``label``.
-    Returns ``(top1, left1, top2, left2, label)`` (all ``[b]`` long)."""
-    if min(h, w) < 3 * k:
-        raise AnomalyZooError(f"images of {h}x{w} are too small for patch size {k}: need at least {3 * k} px")
-    t1 = torch.randint(k, h - 2 * k + 1, (b,), generator=g)
-    l1 = torch.randint(k, w - 2 * k + 1, (b,), generator=g)
+    """SSL pairs as in the reference code: p1 anywhere in the image; p2 3K/4 to K-1 px away from p1 in
+    direction ``label``, clipped to the image (near a border p2 then moves less, or not at all along
+    that axis). Returns ``(top1, left1, top2, left2, label)`` (all ``[b]`` long)."""
+    if min(h, w) < k:
+        raise AnomalyZooError(f"images of {h}x{w} are too small for patch size {k}")
+    t1 = torch.randint(0, h - k + 1, (b,), generator=g)
+    l1 = torch.randint(0, w - k + 1, (b,), generator=g)
     label = torch.randint(0, 8, (b,), generator=g)
     dirs = torch.tensor(POSITIONS)[label]
     delta = torch.randint(0, max(1, k // 4), (b, 2), generator=g) + 3 * k // 4
-    return t1, l1, t1 + dirs[:, 0] * delta[:, 0], l1 + dirs[:, 1] * delta[:, 1], label
+    t2 = (t1 + dirs[:, 0] * delta[:, 0]).clamp(0, h - k)
+    l2 = (l1 + dirs[:, 1] * delta[:, 1]).clamp(0, w - k)
+    return t1, l1, t2, l2, label
 
 
 def sample_jitter_pairs(b: int, h: int, w: int, k: int, g: torch.Generator):
-    """SVDD' pairs: p2 = p1 shifted by at most max(1, K // 32) px (never by zero)."""
+    """SVDD' pairs as in the reference code: p1 anywhere, p2 = p1 shifted by at most J = max(1, K // 32) px
+    per axis (never by zero), clipped to the image; a shift the clipping cancels is taken the other way."""
     j = max(1, k // 32)
-    t1 = torch.randint(j, h - k - j + 1, (b,), generator=g)
-    l1 = torch.randint(j, w - k - j + 1, (b,), generator=g)
+    t1 = torch.randint(0, h - k + 1, (b,), generator=g)
+    l1 = torch.randint(0, w - k + 1, (b,), generator=g)
     shift = torch.randint(-j, j + 1, (b, 2), generator=g)
     zero = (shift == 0).all(1)
     shift[zero, 0] = j  # the reference code redraws a zero shift; any non-zero shift will do
-    return t1, l1, t1 + shift[:, 0], l1 + shift[:, 1]
-
-
-def distribute(scores: torch.Tensor, size, k: int, stride: int) -> torch.Tensor:
-    """Patch scores ``[B, gh, gw]`` (patch (i, j) at ``(i*stride, j*stride)``) -> pixel maps ``[B, H, W]``:
-    each pixel gets the mean score of the patches that cover it (uncovered border pixels: nearest)."""
-    ones = torch.ones(1, 1, k, k, device=scores.device, dtype=scores.dtype)
-    total = F.conv_transpose2d(scores[:, None], ones, stride=stride)
-    count = F.conv_transpose2d(torch.ones_like(scores[:1, None]), ones, stride=stride)
-    m = total / count.clamp_min(1)
-    h, w = size
-    pad = (0, max(0, w - m.shape[-1]), 0, max(0, h - m.shape[-2]))
-    return F.pad(m, pad, mode="replicate")[:, 0, :h, :w]
+    t2, l2 = (t1 + shift[:, 0]).clamp(0, h - k), (l1 + shift[:, 1]).clamp(0, w - k)
+    same = (t2 == t1) & (l2 == l1)
+    t2[same] = (t1 - shift[:, 0])[same].clamp(0, h - k)
+    l2[same] = (l1 - shift[:, 1])[same].clamp(0, w - k)
+    return t1, l1, t2, l2
 
 
 @register("patch_svdd", family="one_class", paper="Patch SVDD: Patch-level SVDD for Anomaly Detection and "
           "Segmentation", year=2020, bibkey="yi2020patchsvdd", localizes=True, trains=True,
-          quick=dict(image_size=128, patch_size=32, strides=(8, 8), epochs=10, pairs_per_image=8))
+          quick=dict(image_size=128, patch_size=32, strides=(8, 8), epochs=10, pairs_per_image=8),
+          deviations=("data: the library's 256 px texture crops instead of MVTec AD images resized to 256 px",
+                      "the nearest normal patch is found by exact brute force (the reference code uses an "
+                      "approximate search, NGT or k-means)",
+                      "SVDD' pairs: for K = 16 (quick preset) the jitter is 1 px; the reference's K // 32 would be 0"))
 class PatchSVDD(Detector):
     """Hierarchical patch encoder (SVDD' + relative-position SSL); nearest-normal-patch distance maps."""
 
     predict_batch_size = 8
 
-    patch_size = Param(64, int)
-    dim = Param(64, int)
-    lam = Param(1.0, float)
+    patch_size = Param(64, int, choices=(32, 64), help="the big patch K (the small one is K/2); 64 in the paper")
+    dim = Param(64, int, low=1, help="embedding size D")
+    lam = Param(1.0, float, low=0, help="lambda of eq. 5, the weight of L_SVDD'")
     image_size = Param.image_size(256)
-    strides = Param((16, 4), tuple)
+    strides = Param((16, 4), tuple, item=int, help="test strides (big, small), two even integers >= 2")
     epochs = Param.epochs(300)
-    pairs_per_image = Param(100, int)
+    pairs_per_image = Param(100, int, low=1, help="training pairs drawn per image and epoch")
     batch_size = Param.batch_size(64)
     lr = Param.lr(1e-4)
-    rgb_jitter = Param(0.01, float)
+    rgb_jitter = Param(0.02, float, low=0, help="std of the random colour shift of each SSL patch (reference code)")
+    pixel_noise = Param(0.02, float, low=0, help="std of the per-pixel noise added to each SSL patch (reference code)")
 
-    def _build(self, meta: dict) -> None:
-        if self.patch_size not in (32, 64):
-            raise AnomalyZooError(f"patch_size must be 64 (the paper) or 32, got {self.patch_size}")
+    def _check_params(self) -> None:
+        if len(self.strides) != 2 or any(s % 2 or s < 2 for s in self.strides):
+            raise bad(self.name, "strides", self.strides, "two even integers >= 2 (big, small)")
+
+    def _build(self, shapes: dict) -> None:
         self.enc_ = HierEncoder(SmallEncoder(self.patch_size // 2, self.dim), self.dim)
         self.cls_big_ = PositionClassifier(self.dim)
         self.cls_small_ = PositionClassifier(self.dim)
+        self.register_buffer("mean_", torch.zeros(1, 3, *shapes["input_hw"]))
 
     # ----------------------------------------------------------------- training
     def _encoder(self, scale: str):
         return self.enc_ if scale == "big" else self.enc_.small
 
-    def _pairs_loss(self, x: torch.Tensor, scale: str):
+    def _pairs_loss(self, x: torch.Tensor, scale: str, g: torch.Generator):
         k = self.patch_size if scale == "big" else self.patch_size // 2
         enc = self._encoder(scale)
         cls = self.cls_big_ if scale == "big" else self.cls_small_
         b, _, h, w = x.shape
-        g = self._gen
         t1, l1, t2, l2, label = sample_position_pairs(b, h, w, k, g)
-        p1, p2 = self._jitter(crop(x, t1, l1, k)), self._jitter(crop(x, t2, l2, k))
+        p1, p2 = self._jitter(crop(x, t1, l1, k), g), self._jitter(crop(x, t2, l2, k), g)
         ssl = F.cross_entropy(cls(enc(p1), enc(p2)), label.to(x.device))  # eq. (4)
         t1, l1, t2, l2 = sample_jitter_pairs(b, h, w, k, g)
         svdd = (enc(crop(x, t1, l1, k)) - enc(crop(x, t2, l2, k))).flatten(1).norm(dim=1).mean()  # eq. (3)
         return ssl, svdd
 
-    def _jitter(self, p: torch.Tensor) -> torch.Tensor:
-        """A small random RGB shift per patch (reference code) so colour casts cannot give the position away."""
-        if not self.rgb_jitter:
-            return p
-        return p + self.rgb_jitter * torch.randn(len(p), 3, 1, 1, generator=self._gen).to(p.device)
+    def _jitter(self, p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The reference code's perturbation of SSL patches: a random colour shift per patch plus
+        per-pixel noise, so that colour casts and exact pixel values cannot give the position away."""
+        shift = self.rgb_jitter * torch.randn(len(p), 3, 1, 1, generator=g)
+        noise = self.pixel_noise * torch.randn(p.shape, generator=g)
+        return p + (shift + noise).to(p.device)
 
-    def _loss(self, idx: torch.Tensor):
+    def _step(self, idx: torch.Tensor, ctx):
         x = self._train_x[idx.cpu()].to(self.device_) - self.mean_
-        ssl_b, svdd_b = self._pairs_loss(x, "big")
-        ssl_s, svdd_s = self._pairs_loss(x, "small")
+        ssl_b, svdd_b = self._pairs_loss(x, "big", ctx.generator)
+        ssl_s, svdd_s = self._pairs_loss(x, "small", ctx.generator)
         loss = ssl_b + ssl_s + self.lam * (svdd_b + svdd_s)  # eq. (5), both scales
         return loss, {"ssl": float((ssl_b + ssl_s).detach()), "svdd": float((svdd_b + svdd_s).detach())}
 
     def _fit(self, x: torch.Tensor) -> None:
-        if len(self.strides) != 2 or any(s % 2 or s < 2 for s in self.strides):
-            raise AnomalyZooError(f"strides must be two even numbers (big, small), got {self.strides}")
-        self._build(self.meta_)
-        self._gen = torch.Generator().manual_seed(self.seed)
-        # inputs are centred by the training set's channel means (the reference code subtracts the mean image)
-        self.register_buffer("mean_", x.mean((0, 2, 3)).view(1, 3, 1, 1).to(self.device_))
+        if min(x.shape[-2:]) < self.patch_size:
+            raise bad(self.name, "image_size", self.image_size, f"at least patch_size={self.patch_size} px")
+        # inputs are centred by the training set's mean image (the reference code subtracts it too)
+        self.mean_.copy_(x.mean(0, keepdim=True).to(self.device_))
         self._train_x = x  # a plain attribute (not saved): the step crops its patches from here
         index = torch.arange(len(x)).repeat(self.pairs_per_image)
         modules = nn.ModuleList([self.enc_, self.cls_big_, self.cls_small_])
         try:
-            self.meta_["history"] = fit_loop(modules, self._loss, index, epochs=self.epochs,
-                                             batch_size=self.batch_size, lr=self.lr, device=self.device_,
-                                             seed=self.seed, desc="patch_svdd", checkpoint=self.checkpoint)
+            self._train(self._step, index, module=modules)
         finally:
-            del self._train_x, self._gen
+            del self._train_x
         # the normal patch embeddings of every training patch, both scales (the NN search's memory)
-        self.to(self.device_)
         big, small = [], []
         with torch.no_grad():
             for i in range(0, len(x), self.predict_batch_size):
@@ -248,23 +268,12 @@ class PatchSVDD(Detector):
         fb = self.enc_.dense(fs)
         return fb[:, :, :: s_big // 2, :: s_big // 2], fs[:, :, :: s_small // 2, :: s_small // 2]
 
-    @staticmethod
-    def nn_distance(query: torch.Tensor, memory: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """min_m ||q - m||_2 for each row of ``query`` (eq. 6)."""
-        m2 = memory.pow(2).sum(1)
-        out = []
-        for i in range(0, len(query), chunk):
-            q = query[i : i + chunk]
-            d2 = q.pow(2).sum(1, keepdim=True) + m2[None] - 2 * q @ memory.T
-            out.append(d2.amin(1).clamp_min(0).sqrt())
-        return torch.cat(out)
-
     def _score(self, x: torch.Tensor):
         maps = []
         for emb, memory, k, s in zip(self.embed_dense(x), (self.memory_big_, self.memory_small_),
                                      (self.patch_size, self.patch_size // 2), self.strides):
             b, d, gh, gw = emb.shape
-            a = self.nn_distance(emb.permute(0, 2, 3, 1).reshape(-1, d), memory).view(b, gh, gw)
-            maps.append(distribute(a, x.shape[-2:], k, s))
+            a = knn(emb.permute(0, 2, 3, 1).reshape(-1, d), memory, 1)[0][:, 0].view(b, gh, gw)  # eq. (6)
+            maps.append(window_mean(a, x.shape[-2:], k, s))
         m = maps[0] * maps[1]  # the two scales, multiplied
         return m.flatten(1).amax(1), m
