@@ -284,8 +284,9 @@ class FeatureDetector(Detector):
 
     ``layers=None`` picks the backbone's taps at ``default_strides`` (a class attribute:
     ``(4, 8, 16)`` unless the method says otherwise), so a new backbone needs only its
-    table of taps in :mod:`anomaly_zoo.backbones`. ``_build`` creates ``self.extractor_``
-    (frozen, BatchNorm included) and ``self.layers_`` (the tap names, network order).
+    table of taps in :mod:`anomaly_zoo.backbones`. ``_build`` creates ``self.layers_`` (the
+    taps the method models, from ``_taps()``) and ``self.extractor_`` (frozen, BatchNorm
+    included), which reads them plus any ``_extra_taps()``.
     """
 
     default_strides: tuple[int, ...] = (4, 8, 16)
@@ -300,11 +301,18 @@ class FeatureDetector(Detector):
             raise AnomalyZooError(f"{self.name}: backbone={self.backbone!r} is out of range; "
                                   f"allowed: one of {', '.join(map(repr, list_backbones()))}")
 
+    def _taps(self) -> list[str]:
+        """The taps the method models: ``layers`` if given, else the backbone's taps at ``default_strides``."""
+        return list(self.layers) if self.layers else taps_at(self.backbone, self.default_strides)
+
+    def _extra_taps(self) -> list[str]:
+        """Taps read besides ``layers_`` (e.g. SPADE's deepest stage for its pooled features); default none."""
+        return []
+
     def _build(self, shapes: dict) -> None:
-        layers = list(self.layers) if self.layers else taps_at(self.backbone, self.default_strides)
-        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained, layers=layers,
-                                          weights=self.weights)
-        self.layers_ = list(self.extractor_.layers)
+        self.layers_ = self._taps()
+        self.extractor_ = create_backbone(self.backbone, pretrained=self.pretrained,
+                                          layers=[*self.layers_, *self._extra_taps()], weights=self.weights)
 
 
 # ---------------------------------------------------------------- helpers

@@ -2,7 +2,6 @@
 and a quality threshold on a quick real dataset that a broken implementation would miss."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -101,8 +101,7 @@ from torch import nn
 
 from ..utils import AnomalyZooError
 from .efficientnet import LITE0_TAPS, LITE_MEAN, LITE_STD, EfficientNetLite0
-from .resnet import (IMAGENET_MEAN, IMAGENET_STD, RESNET18_TAPS, WIDE_RESNET50_2_TAPS, ResNet, resnet18,
-                     wide_resnet50_2)
+from .resnet import IMAGENET_MEAN, IMAGENET_STD, RESNET18_TAPS, WIDE_RESNET50_2_TAPS, ResNet, resnet18, wide_resnet50_2
 from .weights import hub_weights_path, lite0_weights_path, load_strict, read_state_dict
 
 __all__ = [
@@ -114,6 +113,7 @@ __all__ = [
     "create_backbone",
     "list_backbones",
     "receptive_field",
+    "stages",
     "taps_at",
 ]
 
@@ -148,6 +148,11 @@ _BACKBONES: dict[str, _Spec] = {
 def list_backbones() -> list[str]:
     """Names accepted by :func:`create_backbone`."""
     return list(_BACKBONES)
+
+
+def stages(name: str) -> dict[str, tuple[int, int]]:
+    """Every tap of backbone ``name``, in network order: ``{tap: (channels, stride)}``."""
+    return dict(_spec(name).taps)
 
 
 def taps_at(name: str, strides: Sequence[int]) -> list[str]:

@@ -9,9 +9,10 @@ particular to this family is written once here:
 
 * :func:`embed`: bring several taps to one grid and concatenate them (PaDiM, SPADE, PatchCore);
 * :func:`pooled_head`: the globally pooled features the backbone's classifier sees (SPADE's
-  image-level kNN);
-* :func:`retap`: the same frozen network read at other taps, without loading its weights
-  again (SPADE adds its deepest stage, DFR reads every stage up to stride 16).
+  image-level kNN).
+
+Which taps a method reads is ``FeatureDetector._taps`` / ``_extra_taps`` (SPADE adds the deepest
+stage, DFR reads every stage up to stride 16).
 """
 from __future__ import annotations
 
@@ -49,14 +50,3 @@ def pooled_head(extractor: FeatureExtractor, last: torch.Tensor) -> torch.Tensor
     if hasattr(model, "_conv_head"):
         last = F.relu6(model._bn1(model._conv_head(last)))
     return last.mean(dim=(2, 3))
-
-
-def retap(extractor: FeatureExtractor, layers: Sequence[str]) -> FeatureExtractor:
-    """The same frozen network (same weights, same object) read at the taps ``layers``."""
-    mean, std = extractor.mean.flatten().tolist(), extractor.std.flatten().tolist()
-    return FeatureExtractor(extractor.name, extractor.model, layers, mean, std, extractor.pretrained)
-
-
-def stages_up_to(extractor: FeatureExtractor, stride: int) -> list[str]:
-    """Every stage of the extractor's network whose stride is at most ``stride``, in network order."""
-    return [name for name, (_, s) in extractor.model.stages.items() if s <= stride]

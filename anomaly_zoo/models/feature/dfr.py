@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...backbones import stages
 from ...base import FeatureDetector
 from ...ops import explained_variance_rank, extract, gaussian_blur, upsample
 from ...params import Param, bad
 from ...registry import register
-from .common import retap, stages_up_to
 
 
 class FeatureCAE(nn.Module):
@@ -100,11 +100,14 @@ class DFR(FeatureDetector):
     image_size = Param.image_size(256)
 
     # the networks: a frozen extractor read at every stage up to stride 16, and the CAE once its sizes are known
+    def _taps(self) -> list[str]:
+        if self.layers:
+            return list(self.layers)
+        # every stage up to stride 16, as the paper reads every VGG19 layer up to relu4_4
+        return [tap for tap, (_, s) in stages(self.backbone).items() if s <= max(self.default_strides)]
+
     def _build(self, shapes: dict) -> None:
         super()._build(shapes)
-        if self.layers is None:  # every stage up to stride 16, as the paper reads every VGG19 layer to relu4_4
-            self.extractor_ = retap(self.extractor_, stages_up_to(self.extractor_, max(self.default_strides)))
-            self.layers_ = list(self.extractor_.layers)
         if "latent_dim" in shapes:  # az.load: the CAE of the saved sizes
             self.net_ = FeatureCAE(shapes["channels"], shapes["latent_dim"])
 

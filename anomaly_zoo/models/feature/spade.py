@@ -51,7 +51,7 @@ from ...base import FeatureDetector
 from ...ops import MAX_ELEMENTS, gaussian_blur, knn, upsample
 from ...params import Param
 from ...registry import register
-from .common import embed, pooled_head, retap
+from .common import embed, pooled_head
 
 IMAGE_SCORES = ("knn", "max")
 
@@ -76,10 +76,9 @@ class SPADE(FeatureDetector):
     max_elements = Param(MAX_ELEMENTS, int, low=1, help="distance-matrix entries computed at once (memory bound)")
 
     # the network: the frozen pyramid taps (FeatureDetector) plus the deepest stage for the pooled head
-    def _build(self, shapes: dict) -> None:
-        super()._build(shapes)
+    def _extra_taps(self) -> list[str]:
         self.last_ = taps_at(self.backbone, (32,))[-1]  # stage7 / layer4: what the classifier pools
-        self.extractor_ = retap(self.extractor_, [*self.layers_, self.last_])
+        return [self.last_]
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
