@@ -7,7 +7,7 @@ with a dict of extra numbers to show), and what to optimise. ``ctx`` is a
 the device. The loop does the rest, the same way for everyone:
 
 * seeded shuffling, so two CPU runs with one seed match exactly;
-* Adam/AdamW/SGD (``betas``, ``momentum``, parameter groups), a learning-rate
+* Adam/AdamW/SGD (``betas``, ``eps``, ``momentum``, parameter groups), a learning-rate
   ``schedule`` (``"cosine"`` per step, ``"multistep"`` at epoch ``milestones``,
   ``"exponential"`` per epoch, each by ``gamma``) and gradient-norm clipping;
 * several players updated in turn: pass a list of :class:`Player` instead of one step
@@ -69,7 +69,7 @@ class Player:
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
+                   momentum: float = 0.9, eps: float = 1e-8) -> torch.optim.Optimizer:
     """Adam, AdamW or SGD (with momentum) over ``params`` (tensors or torch parameter groups)."""
     params = list(params)
     if params and not isinstance(params[0], dict):
@@ -77,9 +77,9 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, beta
     if not params:
         raise AnomalyZooError("nothing to train: no parameter requires a gradient")
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise AnomalyZooError(f"unknown optimizer {name!r}; use adam, adamw or sgd")
@@ -120,6 +120,7 @@ def fit_loop(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     momentum: float = 0.9,
+    eps: float = 1e-8,
     schedule: str | None = None,
     milestones: Sequence[int] = (),
     gamma: float = 0.1,
@@ -148,7 +149,8 @@ def fit_loop(
     starts = batch_starts(n, batch_size)
     for p in players:
         opt = make_optimizer(p.optimizer or optimizer, p.params, p.lr or lr,
-                             weight_decay if p.weight_decay is None else p.weight_decay, p.betas or betas, momentum)
+                             weight_decay if p.weight_decay is None else p.weight_decay, p.betas or betas, momentum,
+                             eps)
         opts.append(opt)
         scheds.append(_scheduler(opt, schedule, epochs, len(starts) // max(1, p.every) or 1, milestones, gamma))
     module.to(device).train()
