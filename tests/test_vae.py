@@ -29,8 +29,8 @@ def test_negative_elbo_matches_a_direct_computation(likelihood):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(3, 3, 32, 32, generator=g)
     det = az.create("vae", image_size=32, latent_dim=4, likelihood=likelihood, x_var=0.1, beta=0.7)
-    det.meta_ = {"input_hw": [32, 32]}
-    det._build(det.meta_)
+    det.shapes_ = {"input_hw": [32, 32]}
+    det._build(det.shapes_)
     eps = torch.randn(2, 3, 4, generator=g)  # two Monte Carlo samples
     mu, logvar = det.net_.encode(x)
     nll = 0.0
@@ -101,8 +101,22 @@ def test_kl_warmup_schedule_is_linear_from_zero_to_beta():
     det = az.create("vae", warmup=2, beta=0.5)
     assert [det.kl_weight(e) for e in range(4)] == [0.0, 0.25, 0.5, 0.5]
     assert [az.create("vae", beta=0.7).kl_weight(e) for e in (0, 5)] == [0.7, 0.7]  # warmup=0: off
-    with pytest.raises(az.AnomalyZooError, match="warmup"):
+    with pytest.raises(az.AnomalyZooError, match="vae: warmup=-1"):
         az.create("vae", preset="quick", epochs=1, warmup=-1).fit(torch.rand(4, 3, 32, 32))
+
+
+def test_bad_parameters_name_themselves():
+    train = torch.rand(4, 3, 32, 32)
+    bad_values = dict(latent_dim=0, likelihood="laplace", x_var=0.0, beta=-1.0, init="xavier", score="max",
+                      map="grad_cam", score_samples=-1, sigma=-1.0, width=0, image_size=-5, epochs=-1, batch_size=0,
+                      lr=0.0, weight_decay=-1.0)
+    for key, value in bad_values.items():
+        with pytest.raises(az.AnomalyZooError, match=f"vae: {key}="):
+            az.create("vae", **{key: value}).fit(train)
+    with pytest.raises(az.AnomalyZooError, match="vae: image_size=40 .*multiple of 16"):
+        az.create("vae", image_size=40).fit(train)
+    with pytest.raises(az.AnomalyZooError, match="square images"):
+        az.create("vae", image_size=None, epochs=1).fit(torch.rand(4, 3, 32, 48))
 
 
 def test_training_steps_use_the_warmup_weight_of_their_epoch(monkeypatch):
@@ -135,28 +149,39 @@ def test_he_init_lets_the_code_reach_the_output():
         ConvVAE(32, 8, init="xavier")
 
 
+# ------------------------------------------------------------------ collapse guards on data
+# Measured 2026-11-30, quick preset (model seed 0), quick sets at data seeds 0, 1, 2. The degenerate
+# baseline is the mean normal training image as every reconstruction (what a collapsed VAE decodes:
+# KL 0, the same output for every code). On digits (normal class 0) it already has image AUROC 1.0
+# at all three seeds, like the VAE, so the guard there is the training error of D(mu(x)) as a
+# fraction of the mean image's: 0.113, 0.091, 0.121 (collapsed: >= 1). On brick: 0.569, 0.613,
+# 0.664, 32 of 32 active units at every seed. Pixel AUROC on brick: 0.831, 0.768, 0.810, against
+# 0.800, 0.753, 0.837 for the mean image's residual smoothed like the VAE's map (sigma 2): the VAE
+# localises brick no better than the mean image, so that is not asserted.
+
+
+def _train_error_ratio(det, images):
+    x = det._prepare(images, "images")
+    return float((det.reconstruct(images) - x).pow(2).mean() / (x - x.mean(0, keepdim=True)).pow(2).mean())
+
+
 @pytest.mark.slow
 def test_quick_preset_uses_its_code_on_brick(brick):
     """No posterior collapse on the quick textures: active units (Burda et al. 2016: the variance of
-    E_q[z_u] over the training images > 0.01) and a KL term above zero, both on TRAINING images."""
+    E_q[z_u] over the training images > 0.01), a KL term above zero, and reconstructions that beat the
+    mean image, all on TRAINING images."""
     det = az.create("vae", preset="quick").fit(brick.train_images)
     mu, logvar = det.encode(brick.train_images)
     active = int((mu.var(0) > 0.01).sum())
     kl = float(kl_divergence(mu, logvar).mean())
-    rec = det.reconstruct(brick.train_images)
     assert active >= 16 and kl > 1.0, (active, kl)
-    assert float(rec.var(0).mean()) > 1e-4  # reconstructions differ from image to image
-
-
-# ------------------------------------------------------------------ the chapter's claim on data
-DIGIT_CLASSES = (1, 3, 8)  # three classes (8 is a hard one) keep the run short; the chapter runs all ten
+    assert _train_error_ratio(det, brick.train_images) <= 0.8  # measured 0.569, 0.613, 0.664
 
 
 @pytest.mark.slow
-def test_digits_one_vs_rest_auroc():
-    aurocs = []
-    for k in DIGIT_CLASSES:
-        ds = az.data.load("digits", normal_class=k, quick=True)
-        pred = az.create("vae", preset="quick").fit(ds.train_images).predict(ds.test_images)
-        aurocs.append(az.metrics.image_auroc(pred.scores, ds.test_labels))
-    assert sum(aurocs) / len(aurocs) >= 0.85, f"vae: {aurocs}"
+def test_vae_rebuilds_digits_better_than_the_mean_image():
+    ds = az.data.load("digits", normal_class=0, quick=True)
+    det = az.create("vae", preset="quick").fit(ds.train_images)
+    assert _train_error_ratio(det, ds.train_images) <= 0.25  # measured 0.113, 0.091, 0.121
+    pred = det.predict(ds.test_images)
+    assert az.metrics.image_auroc(pred.scores, ds.test_labels) >= 0.97  # 1.0 at seeds 0, 1, 2

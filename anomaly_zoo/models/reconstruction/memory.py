@@ -5,11 +5,14 @@ An encoder's output ``z`` is not passed to the decoder directly. It is used as a
 the decoder receives a combination of memory items instead (Gong et al. 2019, Sec. 3.3):
 
 * addressing, eq. (4)-(5): ``w_i = softmax_i(d(z, m_i))`` with the cosine similarity
-  ``d(z, m_i) = z m_i^T / (||z|| ||m_i||)`` (``similarity="cosine"``). A softmax of
-  cosines lies in ``[-1, 1]`` before the exponential, so with ``N`` = 100 items no weight
-  can exceed ``e^2 / (e^2 + N - 1)`` ~ 0.07: the addressing can never be sparse. The
-  authors' released code uses the plain dot product ``z m_i^T`` (``similarity="dot"``),
-  whose scale the network learns; that is what makes eq. (7) and (9) bite;
+  ``d(z, m_i) = z m_i^T / (||z|| ||m_i||)`` (``similarity="cosine"``). The cosines lie in
+  ``[-1, 1]`` before the exponential, so with ``N`` = 100 items no softmax weight can exceed
+  ``e^2 / (e^2 + N - 1)`` ~ 0.07 and none falls below ``1 / (1 + (N - 1) e^2)`` ~ 0.0014: the
+  weights are nearly flat, whatever the query. The shrinkage of eq. (7) at ``lambda = 1/N`` then
+  keeps every above-average item, tens of them per query, never one or a handful
+  (tests/test_reconstruction.py checks both). The authors' released code uses the plain dot
+  product ``z m_i^T`` (``similarity="dot"``), whose scale the network learns, so that one item
+  can take almost all the weight; that is what makes eq. (7) and (9) bite;
 * read-out, eq. (3): ``z_hat = w M = sum_i w_i m_i``;
 * hard shrinkage, eq. (7): ``w_hat_i = max(w_i - lambda, 0) * w_i / (|w_i - lambda| + eps)``
   (a differentiable form of "keep ``w_i`` if it exceeds ``lambda``, else 0"), followed by

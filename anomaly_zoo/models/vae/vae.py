@@ -17,14 +17,19 @@ Where each part lives in this file:
   (their eq. 4 and section 2.4), and the Monte Carlo mean over ``L`` samples of
   ``-log p(x|z)`` (the second sum of eq. 10; estimator B, eq. 7). Training draws one
   sample per image, as in the paper;
-* ``nll_map``: ``-log p(x|z)`` per pixel (their Appendix C). ``likelihood="gaussian"``
-  (the default; Appendix C.2, the paper's choice for the real-valued Frey faces):
-  ``(x - x_hat)^2 / (2 s^2) + 1/2 log(2 pi s^2)`` with a fixed variance ``s^2 = x_var``;
-  ``"bernoulli"`` (Appendix C.1, the paper's choice for binarised MNIST): the binary
-  cross-entropy. Our images are grey levels in [0, 1], not binary: for them the Bernoulli
-  likelihood is misspecified, and its gradient with respect to a pixel,
-  ``d BCE / d x = -logit(x_hat)``, does not depend on the pixel's value at all (a map of
-  the decoder's confidence, not of the error; chapter 6 measures it);
+* ``nll_map``: ``-log p(x|z)`` per pixel. ``likelihood="gaussian"`` (the default):
+  ``(x - x_hat)^2 / (2 s^2) + 1/2 log(2 pi s^2)`` per pixel, summed over the pixels, with a
+  **fixed** variance ``s^2 = x_var`` (0.05) for every pixel and image. This is the library's
+  choice, not the paper's: Kingma & Welling's Gaussian decoder (Appendix C.2, for the
+  real-valued Frey faces) outputs a mean *and* a log-variance per pixel and learns both. A fixed
+  ``s^2`` makes ``-log p(x|z)`` a scaled squared error plus a constant, so the reconstruction map
+  is the residual and ``x_var`` sets the weight of the reconstruction term against the KL term
+  (a learned variance can shrink without bound on pixels that never change, such as a black
+  background, where the likelihood then diverges). ``"bernoulli"`` (Appendix C.1, the paper's
+  choice for binarised MNIST): the binary cross-entropy. Our images are grey levels in [0, 1],
+  not binary: for them the Bernoulli likelihood is misspecified, and its gradient with respect
+  to a pixel, ``d BCE / d x = -logit(x_hat)``, does not depend on the pixel's value at all (a map
+  of the decoder's confidence, not of the error; chapter 6 measures it);
 * ``VAE.negative_elbo``: ``-ELBO`` per image, ``beta`` on the KL term (``beta=1``: the paper).
 
 Anomaly detection (as the survey describes it): ``-ELBO(x)`` is an upper bound on
@@ -45,9 +50,9 @@ from a generator seeded with ``seed``, for every image (common random numbers), 
 prediction is reproducible and an image's score does not depend on the batch it is in;
 ``score_samples=0`` decodes the mean ``z = mu``.
 
-Network: ``ae``'s convolutional encoder/decoder (Bergmann et al. 2019) with a last
-encoder layer giving ``(mu, log sigma^2)``, initialised as He et al. (2015) prescribe for
-LeakyReLU layers (``init="he"``, ``he_init_``). On a GPU, training runs under the shared
+Network: the convolutional encoder/decoder of ``anomaly_zoo.nets.ConvAutoEncoder`` (Bergmann et
+al. 2019) with a last encoder layer giving ``(mu, log sigma^2)``, initialised as He et al. (2015)
+prescribe for LeakyReLU layers (``init="he"``, ``nets.he_init_``). On a GPU, training runs under the shared
 loop's bf16 autocast; ``predict`` (and so the gradient map) runs in float32.
 
 Posterior collapse, and what caused it here. A VAE whose decoder ignores the code has
@@ -75,7 +80,7 @@ with ``beta=0``: the initialisation, not the KL term, decides.
 KL warm-up (``warmup``, off by default): the "KL cost annealing" of Bowman et al. (CoNLL 2016)
 and the "warm-up" of Sønderby et al. (NeurIPS 2016): in epoch ``t`` (from 0) training minimises
 ``-E_q[log p(x|z)] + w_t KL(q(z|x) || p(z))`` with ``w_t = beta min(1, t / warmup)``
-(``VAE.kl_weight``), so the network first learns as an auto-encoder and meets the full KL
+(``VAE.kl_weight``, read from the training loop's ``ctx.epoch``), so the network first learns as an auto-encoder and meets the full KL
 term from epoch ``warmup`` on; from then on the loss is the paper's -ELBO (``beta=1``).
 Scoring always uses the full -ELBO. With He initialisation it is not needed here: with
 ``warmup=50`` of 100 epochs, held-out -ELBO is -1686.3 on brick (-1684.5 without, a difference
@@ -92,29 +97,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base import Detector
+from ...nets import INITS, ConvAutoEncoder, init_convs_
 from ...ops import gaussian_blur
-from ...params import Param
+from ...params import Param, bad
 from ...registry import register
-from ...training import fit_loop
 from ...utils import AnomalyZooError
-from ..reconstruction.ae import ConvAutoEncoder, he_init_
+
+LIKELIHOODS = ("gaussian", "bernoulli")
 
 
 class ConvVAE(nn.Module):
-    """Encoder to ``(mu, logvar)`` and decoder to likelihood logits, ``ConvAutoEncoder``'s layers."""
+    """Encoder to ``(mu, logvar)`` and decoder to likelihood logits, ``nets.ConvAutoEncoder``'s layers."""
 
     def __init__(self, image_size: int, latent_dim: int, width: int = 32, channels: int = 3, init: str = "he"):
         super().__init__()
         self.latent_dim = latent_dim
-        self.encoder = ConvAutoEncoder(image_size, 2 * latent_dim, width, channels).encoder
-        self.decoder = ConvAutoEncoder(image_size, latent_dim, width, channels).decoder[:-1]  # logits
-        if init not in ("he", "pytorch"):
-            raise AnomalyZooError(f"init must be 'he' or 'pytorch', got {init!r}")
-        for m in self.modules():  # set here, whatever ConvAutoEncoder does
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and init == "he":
-                he_init_(m)
-            elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                m.reset_parameters()  # PyTorch's default
+        self.encoder = ConvAutoEncoder(image_size, 2 * latent_dim, width, channels, init="pytorch").encoder
+        self.decoder = ConvAutoEncoder(image_size, latent_dim, width, channels, init="pytorch").decoder[:-1]  # logits
+        init_convs_(self, init)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x).flatten(1)
@@ -131,30 +131,39 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def nll_map(x: torch.Tensor, logits: torch.Tensor, likelihood: str, x_var: float) -> torch.Tensor:
-    """Per-pixel, per-channel ``-log p(x|z)`` ``[B, C, H, W]``."""
+    """Per-pixel, per-channel ``-log p(x|z)`` ``[B, C, H, W]`` (the constant of the Gaussian is per pixel)."""
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(logits, x, reduction="none")
     if likelihood == "gaussian":
         return (x - torch.sigmoid(logits)).pow(2) / (2 * x_var) + 0.5 * math.log(2 * math.pi * x_var)
-    raise AnomalyZooError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
+    raise AnomalyZooError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
 
 
 @register("vae", family="vae", paper="Auto-Encoding Variational Bayes", year=2014, bibkey="kingma2014vae",
-          localizes=True, trains=True, quick=dict(image_size=32, epochs=100, lr=1e-3))
+          localizes=True, trains=True, quick=dict(image_size=32, epochs=100, lr=1e-3),
+          deviations=("Gaussian decoder with a fixed variance x_var = 0.05 for every pixel (the library's choice); "
+                      "the paper's Gaussian decoder (App. C.2) learns a variance per pixel",
+                      "convolutional encoder/decoder (Bergmann et al.'s auto-encoder, He initialisation) instead of "
+                      "the paper's one-hidden-layer MLPs; latent_dim 32",
+                      "Adam (lr 5e-4, batches of 16, 200 epochs) instead of the paper's Adagrad with weight decay "
+                      "on minibatches of 100",
+                      "anomaly scores and maps (-ELBO, reconstruction term, the gradient map of Dehaene et al.) are "
+                      "not in the paper, which is about density modelling",
+                      "scoring uses score_samples = 4 Monte Carlo samples, the same noise for every image"))
 class VAE(Detector):
     """Variational auto-encoder: score -ELBO (or its reconstruction term); reconstruction or gradient maps."""
 
-    latent_dim = Param(32, int)
-    likelihood = Param("gaussian", str)
-    x_var = Param(0.05, float)
-    beta = Param(1.0, float)
-    warmup = Param(0, int)
-    init = Param("he", str)
-    score = Param("elbo", str)
-    map = Param("recon", str)
-    score_samples = Param(4, int)
+    latent_dim = Param(32, int, low=1, help="dimension of the code z")
+    likelihood = Param("gaussian", str, choices=LIKELIHOODS, help="p(x|z): fixed-variance Gaussian or Bernoulli")
+    x_var = Param(0.05, float, low=0, low_open=True, help="s^2, the fixed variance of the Gaussian likelihood")
+    beta = Param(1.0, float, low=0, help="weight of the KL term (1: the ELBO; 0: an auto-encoder)")
+    warmup = Param(0, int, low=0, help="epochs of linear KL warm-up (Bowman et al. 2016); 0: none")
+    init = Param("he", str, choices=INITS, help="'he' (He et al. 2015) or PyTorch's default, to show the collapse")
+    score = Param("elbo", str, choices=("elbo", "recon"), help="image score: -ELBO or its reconstruction term")
+    map = Param("recon", str, choices=("recon", "grad"), help="map: per-pixel -log p(x|z), or |d(-ELBO)/dx|")
+    score_samples = Param(4, int, low=0, help="Monte Carlo samples of z per image when scoring; 0: z = mu")
     sigma = Param.sigma(2.0)
-    width = Param(32, int)
+    width = Param(32, int, low=1, help="channels of the first layer; the others are 1, 2 or 4 times it")
     image_size = Param.image_size(128)
     epochs = Param.epochs(200)
     batch_size = Param.batch_size(16)
@@ -165,8 +174,17 @@ class VAE(Detector):
     def needs_grad(self) -> bool:  # gradient maps need autograd inside predict
         return self.map == "grad"
 
-    def _build(self, meta: dict) -> None:
-        self.net_ = ConvVAE(meta["input_hw"][0], self.latent_dim, self.width, init=self.init)
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.image_size is not None and self.image_size % 16:
+            raise bad(self.name, "image_size", self.image_size, "a multiple of 16 (the encoder halves it four times)")
+
+    def _build(self, shapes: dict) -> None:
+        h, w = shapes["input_hw"]
+        if h != w or h % 16:
+            raise bad(self.name, "image_size", self.image_size, f"square images whose side is a multiple of 16 "
+                      f"(the images are {h}x{w}: set image_size)")
+        self.net_ = ConvVAE(h, self.latent_dim, self.width, init=self.init)
 
     # ---------------------------------------------------------------- the ELBO
     def elbo_terms(self, x: torch.Tensor, eps: torch.Tensor | None = None):
@@ -199,32 +217,16 @@ class VAE(Detector):
             return float(self.beta)
         return float(self.beta) * min(1.0, epoch / self.warmup)
 
-    def _loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        nll, kl = self.elbo_terms(x, torch.randn(x.shape[0], self.latent_dim, device=x.device))
+    def _loss(self, x: torch.Tensor, ctx) -> tuple[torch.Tensor, dict]:
+        """One sample of z per image (eq. 10 with L = 1) from the loop's generator; the KL weight of ``ctx.epoch``."""
+        eps = torch.randn(x.shape[0], self.latent_dim, generator=ctx.generator).to(x.device)
+        nll, kl = self.elbo_terms(x, eps)
         rec, kl = nll.flatten(1).sum(1).mean(), kl.mean()
-        w = self.kl_weight(self._epoch)
+        w = self.kl_weight(ctx.epoch)
         return rec + w * kl, {"rec": rec.detach(), "kl": kl.detach(), "kl_weight": w}
 
-    def _next_epoch(self, epoch: int) -> None:
-        self._epoch = epoch + 1
-
     def _fit(self, x: torch.Tensor) -> None:
-        if self.likelihood not in ("bernoulli", "gaussian"):
-            raise AnomalyZooError(f"likelihood must be 'bernoulli' or 'gaussian', got {self.likelihood!r}")
-        if self.score not in ("elbo", "recon"):
-            raise AnomalyZooError(f"score must be 'elbo' or 'recon', got {self.score!r}")
-        if self.map not in ("recon", "grad"):
-            raise AnomalyZooError(f"map must be 'recon' or 'grad', got {self.map!r}")
-        if x.shape[-1] != x.shape[-2]:
-            raise AnomalyZooError(f"the VAE needs square images, got {tuple(x.shape[-2:])}")
-        if self.warmup < 0:
-            raise AnomalyZooError(f"warmup must be >= 0 epochs, got {self.warmup}")
-        self._build(self.meta_)
-        self._epoch = 0  # read by _loss for the warm-up schedule, advanced by fit_loop's on_epoch_end
-        self.meta_["history"] = fit_loop(self.net_, self._loss, x, epochs=self.epochs, batch_size=self.batch_size,
-                                         lr=self.lr, weight_decay=self.weight_decay, device=self.device_,
-                                         seed=self.seed, desc="vae", checkpoint=self.checkpoint,
-                                         on_epoch_end=self._next_epoch)
+        self._train(self._loss, x, module=self.net_)
 
     # ------------------------------------------------------------ scoring
     def _eps(self, n: int, device) -> torch.Tensor | None:
