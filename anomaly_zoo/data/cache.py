@@ -35,7 +35,6 @@ from PIL import Image
 from ..utils import AnomalyZooError
 from .core import GOOD, Sample
 
-
 MANIFEST = "manifest.json"
 FORMAT = 1
 
