@@ -14,6 +14,7 @@ import math
 
 from torch import nn
 
+from .params import bad
 from .utils import AnomalyZooError
 
 INITS = ("he", "pytorch")
@@ -87,3 +88,13 @@ class ConvAutoEncoder(nn.Module):
 
     def forward(self, x):
         return self.decoder(self.encoder(x))
+
+
+def check_side(name: str, image_size: int | None, hw=None) -> None:
+    """The conv auto-encoder halves its input four times: ``image_size`` (and, when given, the
+    images' ``hw``) must be square with a side that is a multiple of 16; else one clear error."""
+    if image_size is not None and image_size % 16:
+        raise bad(name, "image_size", image_size, "a multiple of 16 (the encoder halves it four times)")
+    if hw is not None and (hw[0] != hw[1] or hw[0] % 16):
+        raise bad(name, "image_size", image_size, f"square images whose side is a multiple of 16 "
+                  f"(the images are {hw[0]}x{hw[1]}: set image_size)")

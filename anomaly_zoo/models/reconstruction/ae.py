@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base import Detector
-from ...nets import ConvAutoEncoder
+from ...nets import ConvAutoEncoder, check_side
 from ...ops import gaussian_blur
-from ...params import Param, bad
+from ...params import Param
 from ...registry import register
 from ...ssim import ms_ssim, ms_ssim_map, ssim_map
 
@@ -74,14 +74,11 @@ class ReconstructionDetector(Detector):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if self.image_size is not None and self.image_size % 16:
-            raise bad(self.name, "image_size", self.image_size, "a multiple of 16 (the encoder halves it four times)")
+        check_side(self.name, self.image_size)
 
     def _build(self, shapes: dict) -> None:
         h, w = shapes["input_hw"]
-        if h != w or h % 16:
-            raise bad(self.name, "image_size", self.image_size, f"square images whose side is a multiple of 16 "
-                      f"(the images are {h}x{w}: set image_size)")
+        check_side(self.name, self.image_size, (h, w))
         self.net_ = self.network(h, self.latent_dim, self.width)
 
     def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:

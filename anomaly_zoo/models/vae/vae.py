@@ -97,9 +97,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base import Detector
-from ...nets import INITS, ConvAutoEncoder, init_convs_
+from ...nets import INITS, ConvAutoEncoder, check_side, init_convs_
 from ...ops import gaussian_blur
-from ...params import Param, bad
+from ...params import Param
 from ...registry import register
 from ...utils import AnomalyZooError
 
@@ -176,14 +176,11 @@ class VAE(Detector):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if self.image_size is not None and self.image_size % 16:
-            raise bad(self.name, "image_size", self.image_size, "a multiple of 16 (the encoder halves it four times)")
+        check_side(self.name, self.image_size)
 
     def _build(self, shapes: dict) -> None:
         h, w = shapes["input_hw"]
-        if h != w or h % 16:
-            raise bad(self.name, "image_size", self.image_size, f"square images whose side is a multiple of 16 "
-                      f"(the images are {h}x{w}: set image_size)")
+        check_side(self.name, self.image_size, (h, w))
         self.net_ = ConvVAE(h, self.latent_dim, self.width, init=self.init)
 
     # ---------------------------------------------------------------- the ELBO
