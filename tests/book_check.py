@@ -118,6 +118,7 @@ def kernel_env(jupyter_dir: Path, quick: bool = True, threads: int | None = None
     env["JUPYTER_PATH"] = os.pathsep.join([str(jupyter_dir), *filter(None, [os.environ.get("JUPYTER_PATH")])])
     env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # silences a debugger warning on stderr
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env["AZOO_NO_PROGRESS"] = "1"  # a progress bar frozen at its first frame is noise on a built page
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     if threads is None and workers > 1:  # one thread per kernel when pytest-xdist already runs one process per core
         threads = 1

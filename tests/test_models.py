@@ -53,6 +53,25 @@ QUALITY = {
     "differnet": (dict(name="textures", category="brick"), {"image_auroc": 0.74, "pixel_auroc": 0.80}),
     # csflow: seed 0 only (60 epochs, 105 s CPU): image 0.929, pixel 0.991, aupro 0.955 -- provisional
     "csflow": (dict(name="textures", category="brick"), {"image_auroc": 0.88, "aupro": 0.90}),
+    # --- GANs (quick presets, 32 px; data seeds 0 / 1 / 2). Brick pixel AUROC (issue target 0.70):
+    # anogan 0.807 / 0.776 / 0.790, skip_ganomaly 0.881 / 0.872 / 0.894, f_anogan 0.796 / 0.750 / 0.785 (mean image
+    # 0.764 / 0.732 / 0.750). Image AUROC: anogan 0.633 / 0.559 / 0.667, skip_ganomaly 0.620 / 0.618 / 0.740,
+    # f_anogan 0.559 / 0.585 / 0.631 (mean image 0.654 / 0.556 / 0.701): at image level the GANs do no better
+    # than the mean image on brick, so that threshold only catches a flipped score; the maps carry the test.
+    "anogan": (dict(name="textures", category="brick"), {"image_auroc": 0.50, "pixel_auroc": 0.72}),
+    "skip_ganomaly": (dict(name="textures", category="brick"), {"image_auroc": 0.55, "pixel_auroc": 0.80}),
+    "f_anogan": (dict(name="textures", category="brick"), {"image_auroc": 0.50, "pixel_auroc": 0.70}),
+    # ganomaly (no map), digit 8: image AUROC 0.990 / 0.977 / 0.985 (untrained: 0.511 / 0.604 / 0.533)
+    "ganomaly": (dict(name="digits", normal_class=8), {"image_auroc": 0.92}),
+    # --- knowledge distillation (quick presets, one thread)
+    # stpm: image 0.964 / 0.926 / 0.952, aupro 0.964 / 0.958 / 0.957
+    "stpm": (dict(name="textures", category="brick"), {"image_auroc": 0.88, "aupro": 0.92}),
+    # reverse_distillation: image 0.922 / 0.922 / 0.924, aupro 0.949 / 0.932 / 0.953
+    "reverse_distillation": (dict(name="textures", category="brick"), {"image_auroc": 0.88, "aupro": 0.90}),
+    # mkd: image 0.879 / 0.823 / 0.843, pixel 0.784 / 0.756 / 0.746 (gradient maps)
+    "mkd": (dict(name="textures", category="brick"), {"image_auroc": 0.78, "pixel_auroc": 0.70}),
+    # efficientad: image 0.746 / 0.755, pixel 0.701 / 0.690 (issue target image 0.90: missed, see chapter 10)
+    "efficientad": (dict(name="textures", category="brick"), {"image_auroc": 0.70, "pixel_auroc": 0.65}),
 }
 
 
@@ -147,6 +166,8 @@ BASELINES = {
     "vae": "mean_image", "deep_svdd": "untrained",
     "differnet": "random_backbone", "cflow": "random_backbone", "fastflow": "random_backbone",
     "csflow": "random_backbone", "patch_svdd": "untrained", "fcdd": "untrained",
+    "anogan": "mean_image", "skip_ganomaly": "mean_image", "f_anogan": "mean_image", "ganomaly": "untrained",
+    "stpm": "untrained", "reverse_distillation": "untrained", "mkd": "untrained", "efficientad": "mean_image",
 }
 # name -> (metric, margin): the model's metric minus the baseline's, on data seed 0, must be >= margin
 BASELINE_MARGIN = {name: ("pixel_auroc" if az.get_card(name).localizes else "image_auroc", 0.02) for name in MODELS}
@@ -161,6 +182,8 @@ BASELINE_MARGIN.update({name: ("image_auroc", 0.02) for name in BASELINE_DATA})
 # Patch SVDD's untrained encoder already localises well on brick (pixel AUROC 0.974-0.976): its training shows
 # at the image level
 BASELINE_MARGIN["patch_svdd"] = ("image_auroc", 0.05)
+# EfficientAD's quick preset (see chapter 10) has no epochs to zero, and its maps are its weaker side
+BASELINE_MARGIN["efficientad"] = ("image_auroc", 0.02)
 
 
 def baseline_prediction(name, kind, ds):
