@@ -6,13 +6,13 @@ STAMP  := $(VENV)/.installed
 # pytest workers (2 cores in CI); each worker uses one torch thread (tests/conftest.py)
 JOBS   ?= 2
 
-.PHONY: install test test-fast book book-full bench lint clean
+.PHONY: install test test-fast book book-full bench leaderboard lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,book]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,book,sweep]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +32,13 @@ book-full: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m anomaly_zoo bench --dataset textures --category brick --models padim,ae --quick
+
+# the book's leaderboard: every model x textures/phantom/digits x 3 seeds, quick presets, resumable
+# (ENGINE=ray spreads the rows over a Ray cluster: RAY_ADDRESS=... make leaderboard ENGINE=ray)
+ENGINE ?= local
+leaderboard: $(STAMP)
+	HF_HUB_OFFLINE=1 AZOO_NO_PROGRESS=1 $(BIN)/python -m anomaly_zoo bench --models all \
+		--datasets textures,phantom,digits --seeds 0,1,2 --quick --engine $(ENGINE) --out results/quick.csv
 
 lint: $(STAMP)
 	$(BIN)/ruff check anomaly_zoo tests

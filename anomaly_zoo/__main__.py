@@ -4,6 +4,8 @@
     python -m anomaly_zoo data list
     python -m anomaly_zoo data make textures [--full] [--seed 0] [--root DIR]
     python -m anomaly_zoo bench --dataset textures --category brick --models padim,ae --quick [--out r.csv]
+    python -m anomaly_zoo bench --models all --datasets textures,phantom --seeds 0,1,2 --out results/quick.csv \
+        [--engine ray [--address HOST:PORT]]
 
 User errors print one line (``error: ...``) and exit with status 2.
 """
@@ -39,17 +41,26 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--root", default=None, help="data folder (default: $AZOO_DATA, the checkout's data/, a cache)")
 
-    b = sub.add_parser("bench", help="fit and evaluate methods; prints a markdown table")
-    b.add_argument("--dataset", default="textures")
-    b.add_argument("--category", default=None, help="comma-separated categories (default: all)")
-    b.add_argument("--models", required=True, help="comma-separated registry names, e.g. padim,ae")
+    b = sub.add_parser("bench", help="the leaderboard sweep: models x datasets x seeds, one CSV row each")
+    which = b.add_mutually_exclusive_group(required=True)
+    which.add_argument("--models", help="comma-separated registry names (e.g. padim,ae) or 'all'")
+    which.add_argument("--family", help="every model of a family (e.g. flow)")
+    b.add_argument("--datasets", default=None,
+                   help="comma-separated datasets, each optionally with '+'-joined categories: "
+                        "textures:brick+grass,phantom,digits:class_3 (default: --dataset/--category)")
+    b.add_argument("--dataset", default="textures", help="one dataset (when --datasets is not given)")
+    b.add_argument("--category", default=None, help="comma-separated categories of --dataset (default: all)")
     mode = b.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="quick", action="store_true", default=True, help="quick presets (default)")
     mode.add_argument("--full", dest="quick", action="store_false", help="paper presets and full-size data")
     b.add_argument("--device", default="auto")
+    b.add_argument("--seeds", default=None, help="comma-separated data/model seeds, e.g. 0,1,2 (default: --seed)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--root", default=None)
-    b.add_argument("--out", default=None, help="also write the table as CSV here")
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: in this process, one row after the other; ray: one Ray task per row")
+    b.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local one)")
+    b.add_argument("--out", default=None, help="CSV to append rows to; rows already there are skipped (resume)")
     return p
 
 
@@ -84,19 +95,27 @@ def _run(args) -> int:
         for path in paths:
             print(path)
         return 0
-    from . import bench
+    from . import bench, sweep
 
     t0 = time.perf_counter()
-    cats = args.category.split(",") if args.category else None
-    df = bench.run([m.strip() for m in args.models.split(",") if m.strip()], dataset=args.dataset,
-                   categories=cats, quick=args.quick, device=args.device, seed=args.seed, root=args.root)
-    print(bench.to_markdown(df))
+    if args.datasets:
+        datasets = args.datasets
+    else:
+        cats = "+".join(c.strip() for c in args.category.split(",")) if args.category else ""
+        datasets = [f"{args.dataset}:{cats}" if cats else args.dataset]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    models = sweep.select_models(args.models, args.family)
+    jobs = sweep.plan(models, datasets, seeds, quick=args.quick, device=args.device, root=args.root)
+    df = sweep.sweep(jobs, out=args.out, engine=args.engine, address=args.address)
+    skipped = len(jobs) - len(df)
+    shown = ["model", "dataset", "category", "image_auroc", "pixel_auroc", "aupro", "image_ap", "image_f1_max",
+             "seed", "fit_s", "predict_ips", "error"]
+    print(bench.to_markdown(df[shown]))
     if args.out:
-        df.to_csv(args.out, index=False)
-        print(f"wrote {args.out}")
-    print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(f"wrote {len(df)} row(s) to {args.out}" + (f"; {skipped} already there" if skipped else ""))
+    failed = int((df["error"].fillna("") != "").sum())
+    print(f"total {time.perf_counter() - t0:.1f} s" + (f"; {failed} row(s) failed" if failed else ""), file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

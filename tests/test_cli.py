@@ -25,7 +25,10 @@ def test_data_list(capsys):
     (["bench", "--models", "padim", "--dataset", "nope"], "nope"),
     (["data", "make"], "data make needs a dataset name"),
     (["frobnicate"], "invalid choice"),
-    (["bench"], "the following arguments are required: --models"),
+    (["bench"], "one of the arguments --models --family is required"),
+    (["bench", "--family", "nope"], "unknown family 'nope'"),
+    (["bench", "--models", "padim", "--datasets", "textures:wood"], "textures has no category 'wood'"),
+    (["bench", "--models", "padim", "--engine", "spark"], "invalid choice: 'spark'"),
 ])
 def test_user_errors_one_line_nonzero(argv, message, capsys):
     assert main(argv) == 2

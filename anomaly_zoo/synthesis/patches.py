@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from ..ops import gaussian_blur
 
 
-
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     """``n`` floats uniform in [lo, hi), drawn from ``g``."""
     return lo + (hi - lo) * torch.rand(n, generator=g)
