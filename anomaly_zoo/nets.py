@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .params import bad
@@ -98,3 +100,32 @@ def check_side(name: str, image_size: int | None, hw=None) -> None:
     if hw is not None and (hw[0] != hw[1] or hw[0] % 16):
         raise bad(name, "image_size", image_size, f"square images whose side is a multiple of 16 "
                   f"(the images are {hw[0]}x{hw[1]}: set image_size)")
+
+
+def double_conv(cin: int, cout: int) -> nn.Sequential:
+    """U-Net's block: two 3x3 convolutions (padding 1), each followed by BatchNorm and ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    """A U-Net (Ronneberger et al. 2015): ``depth`` 2x2 max-poolings, channels doubling from ``width``,
+    bilinear upsampling and concatenated skips, then a 1x1 convolution to ``cout`` channels (raw output).
+    RIAD inpaints with it and Puzzle-AE (sigmoid on top) reassembles with it."""
+
+    def __init__(self, cin: int = 3, cout: int = 3, width: int = 64, depth: int = 4):
+        super().__init__()
+        chans = [width * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList([double_conv(cin, chans[0])] + [double_conv(a, b) for a, b in zip(chans, chans[1:])])
+        self.up = nn.ModuleList([double_conv(b + a, a) for a, b in zip(chans[:-1], chans[1:])][::-1])
+        self.head = nn.Conv2d(chans[0], cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for block, skip in zip(self.up, skips[-2::-1]):
+            up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([up, skip], 1))
+        return self.head(x)

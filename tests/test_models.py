@@ -76,6 +76,20 @@ QUALITY = {
     "uninformed_students": (dict(name="textures", category="brick"), {"image_auroc": 0.78, "aupro": 0.80}),
     # efficientad: image 0.746 / 0.755, pixel 0.701 / 0.690 (issue target image 0.90: missed, see chapter 10)
     "efficientad": (dict(name="textures", category="brick"), {"image_auroc": 0.70, "pixel_auroc": 0.65}),
+    # --- self-supervised (quick presets, one thread; data seeds 0 / 1 / 2; mean image: image .654 / .556 / .701,
+    # pixel .764 / .732 / .750). Caution: DRAEM's quick epochs and SSPCAB's initialisation were chosen after
+    # seeing seed-0 test metrics (chapter 11 says so).
+    # cutpaste: image .877 / .860 / .815, aupro .892 / .887 / .876 (random backbone, seed 0: image .548, pixel .846)
+    "cutpaste": (dict(name="textures", category="brick"), {"image_auroc": 0.76, "aupro": 0.83}),
+    # draem: image .924 / .959 / .790, pixel .955 / .962 / .836 (untrained, seed 0: image .475, pixel .480)
+    "draem": (dict(name="textures", category="brick"), {"image_auroc": 0.70, "pixel_auroc": 0.78}),
+    # riad: image .597 / .611 / .681, pixel .863 / .851 / .770, aupro .561 / .510 / .559
+    "riad": (dict(name="textures", category="brick"), {"image_auroc": 0.55, "pixel_auroc": 0.72}),
+    # nsa: image .674 / .653 / .607, pixel .906 / .899 / .773, aupro .670 / .571 / .517
+    "nsa": (dict(name="textures", category="brick"), {"image_auroc": 0.56, "pixel_auroc": 0.72}),
+    # puzzle_ae: image .674 / .586 / .645, pixel .804 / .749 / .729 (below the mean image's .750 on seed 2);
+    # digits ten-class mean image AUROC 0.962 (seed 0)
+    "puzzle_ae": (dict(name="textures", category="brick"), {"image_auroc": 0.53, "pixel_auroc": 0.68}),
 }
 
 
@@ -173,6 +187,8 @@ BASELINES = {
     "anogan": "mean_image", "skip_ganomaly": "mean_image", "f_anogan": "mean_image", "ganomaly": "untrained",
     "stpm": "untrained", "reverse_distillation": "untrained", "mkd": "untrained", "efficientad": "mean_image",
     "uninformed_students": "random_backbone",
+    "cutpaste": "random_backbone", "draem": "untrained", "riad": "mean_image", "nsa": "mean_image",
+    "puzzle_ae": "mean_image",
 }
 # name -> (metric, margin): the model's metric minus the baseline's, on data seed 0, must be >= margin
 BASELINE_MARGIN = {name: ("pixel_auroc" if az.get_card(name).localizes else "image_auroc", 0.02) for name in MODELS}

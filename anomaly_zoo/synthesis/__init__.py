@@ -4,9 +4,17 @@ Several methods learn "normal versus not normal" without ever seeing a real anom
 corrupting normal training images on the fly: FCDD's *confetti noise* (Liznerski et al.
 2021, Sec. 4.2: "a simple noise model that inserts colored blobs into images"; built as
 its reference code does: rotated squares, smoothed, added to the image), CutPaste's
-cut-and-paste patches (Li et al. 2021), DRAEM's blended foreign patches (Zavrtanik et al.
-2021). They all live in this package (one module per kind of synthesis), in torch, batched and driven by a ``torch.Generator`` so a seeded
-fit repeats exactly::
+cut-and-paste patches and scars (Li et al. 2021), DRAEM's Perlin-masked foreign textures
+(Zavrtanik et al. 2021), NSA's Poisson-blended patches of other normal images (Schlueter et al.
+2022). They all live in this package, one module per kind, in torch, batched and driven by a
+``torch.Generator`` so a seeded fit repeats exactly:
+
+* :mod:`.patches`: ``confetti``, ``cutpaste``, ``cutpaste_scar``, ``noise_blend``;
+* :mod:`.perlin`: Perlin noise, procedural textures (the stand-in for DTD), ``perlin`` (DRAEM);
+* :mod:`.blend`: Poisson blending, ``nsa`` and its per-pixel targets;
+* :mod:`.masks`: pretext masks, not anomalies: RIAD's random-grid masks, Puzzle-AE's jigsaw.
+
+::
 
     from anomaly_zoo.synthesis import synthesize
     g = torch.Generator().manual_seed(0)
@@ -19,8 +27,9 @@ very corruption it is tested on would be graded on memorising the generator, not
 detecting anomalies. The generators differ too: the test defects are scratches, stains,
 holes, cuts, colour blobs and foreign patches blended into the image; the training
 anomalies here are smoothed, rotated squares of random colour or white added to the image
-(confetti), copied patches (cutpaste), and smoothed-noise regions filled with a random
-other image of the batch (``noise_blend``).
+(confetti), copied patches and thin rotated strips (cutpaste, scar), smooth Perlin blobs
+filled with generated textures (perlin), seamlessly blended patches of other training images
+(nsa), and smoothed-noise regions filled with a random other image of the batch (``noise_blend``).
 
 Every function takes and returns float images ``[N, 3, H, W]`` in ``[0, 1]`` on any device;
 random numbers are drawn on the CPU from the given generator, so results do not depend on

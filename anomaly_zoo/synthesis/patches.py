@@ -1,5 +1,6 @@
-"""Patch-level synthetic anomalies: FCDD's confetti noise, CutPaste's copied patches, and a
-smooth-noise region filled with another image (``noise_blend``). See the package docstring.
+"""Patch-level synthetic anomalies: FCDD's confetti noise, CutPaste's copied patches and scars
+(``cutpaste``, ``cutpaste_scar``), and a smooth-noise region filled with another image (``noise_blend``).
+See the package docstring.
 """
 from __future__ import annotations
 
@@ -69,25 +70,87 @@ def confetti(x: torch.Tensor, generator: torch.Generator, sides: tuple[float, fl
     return (x + noise).clamp(0, 1), (noise != 0).any(1).float()
 
 
+def colour_jitter(patch: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
+    """torchvision's ``ColorJitter(brightness=s, contrast=s, saturation=s, hue=s)`` on one patch ``[3, h, w]``:
+    brightness factor in [1-s, 1+s] (multiply), contrast factor in [1-s, 1+s] (blend with the patch's mean
+    grey), saturation factor in [1-s, 1+s] (blend with its grey version), hue shifted by up to +-s of a turn
+    (rotation about the grey axis), in that fixed order (torchvision shuffles it)."""
+    if strength <= 0:
+        return patch
+    f = 1 - strength + 2 * strength * torch.rand(4, generator=g)
+    dev = patch.device
+    x = patch * float(f[0])
+    grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).clamp(0, 1)
+    x = (float(f[1]) * x + (1 - float(f[1])) * grey.mean()).clamp(0, 1)
+    grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    x = (float(f[2]) * x + (1 - float(f[2])) * grey[None]).clamp(0, 1)
+    theta = (float(f[3]) - 1) * 2 * torch.pi  # (f - 1) is uniform in [-s, s]: a share of a full turn
+    c, s_ = float(torch.cos(torch.tensor(theta))), float(torch.sin(torch.tensor(theta)))
+    k = (1 - c) / 3
+    r = (1 / 3) ** 0.5 * s_
+    rot = torch.tensor([[c + k, k - r, k + r], [k + r, c + k, k - r], [k - r, k + r, c + k]], device=dev)
+    return torch.einsum("ij,jhw->ihw", rot, x).clamp(0, 1)
+
+
+def _aspect(aspect: tuple[float, float], g: torch.Generator) -> float:
+    """An aspect ratio from (aspect[0], 1) or (1, aspect[1]), each side with probability 1/2, uniform within."""
+    lo, hi = (aspect[0], 1.0) if float(torch.rand(1, generator=g)) < 0.5 else (1.0, aspect[1])
+    return float(_uniform(1, lo, hi, g))
+
+
 def cutpaste(x: torch.Tensor, generator: torch.Generator, area: tuple[float, float] = (0.02, 0.15),
              aspect: tuple[float, float] = (0.3, 3.3), jitter: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """CutPaste (Li et al. 2021): cut a rectangle of the image and paste it elsewhere, with a
-    small brightness jitter per channel. Returns ``(images, masks [N, H, W])``."""
+    """CutPaste (Li et al. 2021, Sec. 2.1): cut a rectangle from the image and paste it back at a random
+    place. As in the paper: the patch covers a share of the image uniform in ``area`` (0.02-0.15), its
+    aspect ratio (width / height) is uniform in (0.3, 1) or (1, 3.3) (each range half of the time), the
+    patch gets a colour jitter of ``jitter`` (brightness, contrast, saturation, hue 0.1), and the source
+    and target places are independent and uniform. Returns ``(images, masks [N, H, W])``."""
     n, _, h, w = x.shape
     out, masks = x.clone(), torch.zeros(n, h, w, device=x.device)
     for i in range(n):
         a = float(_uniform(1, *area, generator)) * h * w
-        log_r = torch.empty(1).uniform_(float(torch.tensor(aspect[0]).log()), float(torch.tensor(aspect[1]).log()),
-                                        generator=generator)
-        r = float(log_r.exp())
-        ph = min(h - 1, max(2, int(round((a / r) ** 0.5))))
+        r = _aspect(aspect, generator)
         pw = min(w - 1, max(2, int(round((a * r) ** 0.5))))
+        ph = min(h - 1, max(2, int(round((a / r) ** 0.5))))
         sy, sx = _randint(0, h - ph, generator), _randint(0, w - pw, generator)
         ty, tx = _randint(0, h - ph, generator), _randint(0, w - pw, generator)
-        patch = x[i, :, sy : sy + ph, sx : sx + pw]
-        shift = ((torch.rand(3, 1, 1, generator=generator) * 2 - 1) * jitter).to(x.device)
-        out[i, :, ty : ty + ph, tx : tx + pw] = (patch + shift).clamp(0, 1)
+        patch = colour_jitter(x[i, :, sy : sy + ph, sx : sx + pw], jitter, generator)
+        out[i, :, ty : ty + ph, tx : tx + pw] = patch
         masks[i, ty : ty + ph, tx : tx + pw] = 1.0
+    return out, masks
+
+
+def cutpaste_scar(x: torch.Tensor, generator: torch.Generator, width: tuple[float, float] = (2 / 256, 16 / 256),
+                  height: tuple[float, float] = (10 / 256, 25 / 256), rotation: float = 45.0,
+                  jitter: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutPaste-Scar (Li et al. 2021, Sec. 2.1 and Appendix): a long, thin patch (width 2-16 px, height
+    10-25 px at 256 px; here fractions of the image side) cut from the image, colour-jittered, rotated by an
+    angle uniform in [-45, 45] degrees and pasted at a random place. The rotation samples the patch at
+    the nearest pixel, so the mask is exactly the set of pixels that received the scar."""
+    n, _, h, w = x.shape
+    out, masks = x.clone(), torch.zeros(n, h, w, device=x.device)
+    for i in range(n):
+        pw = max(1, int(round(float(_uniform(1, *width, generator)) * w)))
+        ph = max(2, int(round(float(_uniform(1, *height, generator)) * h)))
+        pw, ph = min(pw, w - 1), min(ph, h - 1)
+        sy, sx = _randint(0, h - ph, generator), _randint(0, w - pw, generator)
+        patch = colour_jitter(x[i, :, sy : sy + ph, sx : sx + pw], jitter, generator)
+        theta = float(_uniform(1, -rotation, rotation, generator)) * torch.pi / 180
+        cos, sin = float(torch.cos(torch.tensor(theta))), float(torch.sin(torch.tensor(theta)))
+        half = 0.5 * (pw**2 + ph**2) ** 0.5  # the rotated patch fits in a circle of this radius
+        cy = float(_uniform(1, half, max(half, h - half), generator))
+        cx = float(_uniform(1, half, max(half, w - half), generator))
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        dy, dx = ys - cy, xs - cx  # target offsets -> patch coordinates by the inverse rotation
+        u = (cos * dx + sin * dy + pw / 2).floor().long()
+        v = (-sin * dx + cos * dy + ph / 2).floor().long()
+        inside = (u >= 0) & (u < pw) & (v >= 0) & (v < ph)
+        if not inside.any():
+            continue
+        inside_dev = inside.to(x.device)
+        out[i][:, inside_dev] = patch[:, v[inside].to(x.device), u[inside].to(x.device)]
+        masks[i][inside_dev] = 1.0
     return out, masks
 
 
@@ -111,4 +174,4 @@ def noise_blend(x: torch.Tensor, generator: torch.Generator, threshold: float = 
     return x * (1 - a) + source * a, region
 
 
-KINDS = {"confetti": confetti, "cutpaste": cutpaste, "noise_blend": noise_blend}
+KINDS = {"confetti": confetti, "cutpaste": cutpaste, "cutpaste_scar": cutpaste_scar, "noise_blend": noise_blend}

@@ -13,11 +13,13 @@ reconstructed, the residual is large (the survey's reconstruction family).
   ``loss="ssim"``: 1 - SSIM(x, D(E(x))) averaged over pixels (their eq. 2-5,
   the library's one SSIM in ``anomaly_zoo.ssim``); ``loss="ms_ssim"``:
   1 - MS-SSIM(x, D(E(x))), the multi-scale SSIM of Wang et al. (2003, eq. 7), which
-  compares structure at five scales instead of one 11x11 window.
+  compares structure at five scales instead of one 11x11 window; ``loss="msgms"``: the
+  multi-scale gradient magnitude similarity loss of RIAD (``anomaly_zoo.gms``), the survey's AE-MSGMS.
 * Residual map: for L2 the squared error, for SSIM the per-pixel 1 - SSIM, for
   MS-SSIM the per-pixel 1 - MS-SSIM (``ssim.ms_ssim_map``), averaged over colour
-  channels. ``residual=`` picks a map other than the loss's (e.g. an L2-trained
-  network read with an SSIM map). Image score: the mean of the map (the
+  channels; for MSGMS the per-pixel 1 - MSGMS (``gms.msgms_map``, on the grey level).
+  ``residual=`` picks a map other than the loss's (e.g. an L2-trained network read with an
+  SSIM map). Image score: the mean of the map (the
   reconstruction error, ``image_score="mean"``) or its maximum after Gaussian
   smoothing (``"max"``).
 
@@ -32,13 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base import Detector
+from ...gms import msgms_loss, msgms_map
 from ...nets import ConvAutoEncoder, check_side
 from ...ops import gaussian_blur
 from ...params import Param
 from ...registry import register
 from ...ssim import ms_ssim, ms_ssim_map, ssim_map
 
-LOSSES = ("l2", "ssim", "ms_ssim")
+LOSSES = ("l2", "ssim", "ms_ssim", "msgms")
 
 
 def residual_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
@@ -49,6 +52,8 @@ def residual_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tenso
         return (1 - ssim_map(x, x_hat)).mean(1)
     if kind == "ms_ssim":
         return (1 - ms_ssim_map(x, x_hat)).mean(1)
+    if kind == "msgms":
+        return 1 - msgms_map(x, x_hat)
     raise ValueError(f"unknown residual {kind!r}; use one of {', '.join(LOSSES)}")
 
 
@@ -103,7 +108,7 @@ class ReconstructionDetector(Detector):
 class AutoEncoder(ReconstructionDetector):
     """Convolutional auto-encoder (L2, SSIM or MS-SSIM loss); residual map."""
 
-    loss = Param("l2", str, choices=LOSSES, help="training loss: squared error (eq. 1), 1 - SSIM (eq. 2-5), 1 - MS-SSIM")
+    loss = Param("l2", str, choices=LOSSES, help="training loss: squared error (eq. 1), 1 - SSIM (eq. 2-5), 1 - MS-SSIM, or MSGMS (RIAD)")
     residual = Param(None, str, choices=LOSSES, none=True, help="the residual map; None: the loss's own")
     image_score = Param("mean", str, choices=("mean", "max"), help="mean of the map, or max of the smoothed map")
     sigma = Param.sigma(4.0)
@@ -114,6 +119,8 @@ class AutoEncoder(ReconstructionDetector):
             return F.mse_loss(x_hat, x)
         if self.loss == "ms_ssim":
             return 1 - ms_ssim(x, x_hat)
+        if self.loss == "msgms":
+            return msgms_loss(x, x_hat)
         return 1 - ssim_map(x, x_hat).mean()
 
     def _fit(self, x: torch.Tensor) -> None:

@@ -1,1 +1,13 @@
-"""ssl family (methods land here, one file each)."""
+"""Self-supervised learning: a network learns normality from a pretext task or from anomalies it
+makes up itself (the book's chapter "Self-supervised learning").
+
+* ``cutpaste``: normal vs CutPaste vs CutPaste-Scar, then a Gaussian on the learned embedding;
+* ``draem``: reconstruct Perlin-masked synthetic anomalies, segment the difference (``sspcab=True``:
+  the masked-convolution block);
+* ``riad``: inpaint from disjoint random-grid masks, MSGMS map;
+* ``nsa``: Poisson-blended patches of other normal images, per-pixel targets;
+* ``puzzle_ae``: reassemble a shuffled jigsaw, with adversarially robust training.
+
+The training-time anomalies come from :mod:`anomaly_zoo.synthesis`, never from the test defects.
+"""
+from . import cutpaste, draem, nsa, puzzle_ae, riad  # noqa: F401
