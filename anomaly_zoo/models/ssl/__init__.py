@@ -6,8 +6,10 @@ makes up itself (the book's chapter "Self-supervised learning").
   the masked-convolution block);
 * ``riad``: inpaint from disjoint random-grid masks, MSGMS map;
 * ``nsa``: Poisson-blended patches of other normal images, per-pixel targets;
-* ``puzzle_ae``: reassemble a shuffled jigsaw, with adversarially robust training.
+* ``puzzle_ae``: reassemble a shuffled jigsaw, with adversarially robust training;
+* ``igd``: auto-encoder + Gaussian normality classifier on its codes, kept smooth by adversarial
+  interpolation; CCD's s_IGD.
 
 The training-time anomalies come from :mod:`anomaly_zoo.synthesis`, never from the test defects.
 """
-from . import cutpaste, draem, nsa, puzzle_ae, riad  # noqa: F401
+from . import cutpaste, draem, igd, nsa, puzzle_ae, riad  # noqa: F401
