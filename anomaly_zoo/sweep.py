@@ -150,11 +150,19 @@ def run_job(job: Job) -> dict:
         row.update({k: v for k, v in result.items() if k not in ("model", "dataset", "category")})
         row["error"] = ""
     except Exception as err:  # noqa: BLE001 - a failed row is a result, not a crash
-        row.setdefault("family", "")
-        row.update({k: v for k, v in provenance(job.quick, job.device).items() if k not in row})
-        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+        row = _error_row(job, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", row)
     row["cpu_s"] = _cpu_seconds() - cpu0
     row["peak_rss_mb"] = bench.peak_rss_mb()
+    return {c: row.get(c, float("nan")) for c in COLUMNS}
+
+
+def _error_row(job: Job, message: str, row: dict | None = None) -> dict:
+    from .factory import list_models
+
+    row = dict(zip(KEY, job.key)) if row is None else row
+    row.setdefault("family", {c.name: c.family for c in list_models()}.get(job.model, ""))
+    row.update({k: v for k, v in provenance(job.quick, job.device).items() if k not in row})
+    row["error"] = message[:300]
     return {c: row.get(c, float("nan")) for c in COLUMNS}
 
 
@@ -198,8 +206,20 @@ def sweep(jobs: list[Job], out=None, *, engine: str = "local", address: str | No
 
 
 def _local(jobs):
+    """One job after the other, each in a fresh child process: its peak memory is its own (a process's
+    peak only grows, so rows run in one process would inherit the largest before them), and a job that
+    dies (killed for memory, a crash in native code) becomes an error row instead of ending the sweep."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     for job in jobs:
-        yield run_job(job)
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            try:
+                yield pool.submit(run_job, job).result()
+            except BrokenProcessPool:
+                yield _error_row(job, "the process running it died (out of memory?)")
 
 
 def _ray(jobs, address):
@@ -218,7 +238,7 @@ def _ray(jobs, address):
         ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=env,
                  **({} if address else {"num_cpus": os.cpu_count()}))
     try:
-        task = ray.remote(run_job)
+        task = ray.remote(max_calls=1)(run_job)  # a fresh worker per row: its own peak memory
         # a GPU is asked for only where the cluster has one: a CUDA job on a CPU-only cluster would wait
         # forever for its GPU; run there, it fails like it does locally and becomes an error row
         gpus = ray.cluster_resources().get("GPU", 0) > 0

@@ -64,6 +64,35 @@ def test_a_failing_job_is_a_row_with_its_error(local_rows):
     assert bad["model"].iloc[0] == "padim" and bad["version"].iloc[0] == az.__version__
 
 
+def _die(job):
+    """A job whose process dies (as when the kernel kills it for memory)."""
+    import os
+
+    os._exit(9)
+
+
+def _hold_memory(job):
+    """A job that holds ``seed`` x 200 MB for a moment and reports its own peak memory."""
+    block = bytearray(job.seed * 200 * 2**20)
+    block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page so it is resident
+    return {"model": job.model, "seed": job.seed, "peak_rss_mb": az.bench.peak_rss_mb()}
+
+
+def test_a_job_whose_process_dies_is_an_error_row_and_the_sweep_goes_on(monkeypatch):
+    monkeypatch.setattr(sweep, "run_job", _die)
+    rows = sweep.sweep([sweep.Job("padim", "digits", "class_3", 0)], engine="local", progress=False)
+    assert len(rows) == 1 and rows.loc[0, "model"] == "padim" and rows.loc[0, "family"] == "feature"
+    assert "died" in rows.loc[0, "error"]
+
+
+def test_each_local_row_reports_its_own_peak_memory(monkeypatch):
+    """A large job first must not inflate the peak memory of the small one after it."""
+    monkeypatch.setattr(sweep, "run_job", _hold_memory)
+    jobs = [sweep.Job("padim", "digits", "class_3", s) for s in (2, 0)]
+    big, small = list(sweep._local(jobs))
+    assert big["peak_rss_mb"] > small["peak_rss_mb"] + 300
+
+
 def test_a_second_sweep_resumes(local_rows):
     out, jobs, _ = local_rows
     again = sweep.sweep(jobs, out=out, progress=False)
