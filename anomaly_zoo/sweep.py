@@ -19,7 +19,7 @@ device, torch version, date. A run that fails (out of memory, a model that canno
 becomes a row with ``error`` set, never a crash of the sweep. Rows are appended to ``out`` as they
 finish, so an interrupted sweep keeps what it has; a second run skips the rows already there
 (resume). The engine only decides *where* a row runs (:func:`run_job` is the same function):
-``local`` runs them in this process, ``ray`` makes each row a Ray task (one CPU, plus one GPU when
+``local`` runs them one after the other, each in a fresh child process, ``ray`` makes each row a Ray task (one CPU, plus one GPU when
 the device is CUDA), on a fresh local cluster or on the one ``address`` / ``$RAY_ADDRESS`` names.
 Ray is an optional extra: ``pip install -e ".[sweep]"``.
 """
@@ -259,6 +259,40 @@ def _wants_gpu(job: Job) -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+#: the committed quick-mode leaderboard that the book reads (``make leaderboard`` writes it)
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "quick.csv"
+
+
+def load_results(path=None) -> pd.DataFrame:
+    """A sweep's output file as a DataFrame (default: the committed quick-mode leaderboard)."""
+    path = Path(RESULTS if path is None else path)
+    if not path.is_file():
+        raise AnomalyZooError(f"no sweep results at {path}: run `make leaderboard` (or python -m anomaly_zoo "
+                              "bench ... --out FILE) in a checkout of the repository")
+    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise AnomalyZooError(f"{path} is not a sweep output: it lacks the columns {', '.join(missing)}")
+    df["error"] = df["error"].fillna("")
+    return df
+
+
+def summarize(df: pd.DataFrame, metrics=("image_auroc", "pixel_auroc", "aupro")) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of each (model, family, dataset, category); failed rows
+    are left out and counted in ``failed``."""
+    ok = df[df["error"] == ""]
+    keys = ["model", "family", "dataset", "category"]
+    g = ok.groupby(keys)
+    out = pd.concat({"mean": g[list(metrics)].mean(), "std": g[list(metrics)].std(ddof=1)}, axis=1)
+    out.columns = [f"{m}_{stat}" for stat, m in out.columns]
+    out["seeds"] = g.size()
+    out["fit_s"] = g["fit_s"].mean()
+    out["peak_rss_mb"] = g["peak_rss_mb"].mean()
+    failed = df[df["error"] != ""].groupby(keys).size()
+    out["failed"] = failed.reindex(out.index).fillna(0).astype(int)
+    return out.reset_index()
 
 
 def jobs_as_frame(jobs: list[Job]) -> pd.DataFrame:
