@@ -33,12 +33,12 @@ book-full: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m anomaly_zoo bench --dataset textures --category brick --models padim,ae --quick
 
-# the book's leaderboard: every model x textures/phantom/digits x 3 seeds, quick presets, resumable
+# the book's leaderboard: every model x textures/phantom/digits/retina x 3 seeds, quick presets, resumable
 # (ENGINE=ray spreads the rows over a Ray cluster: RAY_ADDRESS=... make leaderboard ENGINE=ray)
 ENGINE ?= local
 leaderboard: $(STAMP)
 	HF_HUB_OFFLINE=1 AZOO_NO_PROGRESS=1 $(BIN)/python -m anomaly_zoo bench --models all \
-		--datasets textures,phantom,digits --seeds 0,1,2 --quick --engine $(ENGINE) --out results/quick.csv
+		--datasets textures,phantom,digits,retina --seeds 0,1,2 --quick --engine $(ENGINE) --out results/quick.csv
 
 lint: $(STAMP)
 	$(BIN)/ruff check anomaly_zoo tests

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="list or generate the offline datasets")
     d.add_argument("action", choices=["list", "make"])
-    d.add_argument("name", nargs="?", default=None, help="dataset to make (textures, digits, phantom)")
+    d.add_argument("name", nargs="?", default=None, help="dataset to make (textures, digits, phantom, retina)")
     d.add_argument("--full", action="store_true", help="full size (256 px, hundreds of images) instead of quick")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--root", default=None, help="data folder (default: $AZOO_DATA, the checkout's data/, a cache)")

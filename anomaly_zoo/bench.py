@@ -37,7 +37,13 @@ def run_one(name: str, ds, *, quick: bool = True, device: str = "auto", seed: in
     set_seed(seed)
     det = create(name, preset="quick" if quick else "default", device=str(dev), seed=seed, **kwargs)
     t0 = time.perf_counter()
-    det.fit(ds.train_images)
+    if det.supervision == "weak":  # DeScarGAN: healthy and diseased images with image labels, no masks
+        if getattr(ds, "weak_images", None) is None:
+            raise AnomalyZooError(f"{name} is weakly supervised and {ds.name} has no weakly labelled split "
+                                  "(weak_images, weak_labels): use a set with lesions (phantom, retina)")
+        det.fit(ds.weak_images, labels=ds.weak_labels)
+    else:
+        det.fit(ds.train_images)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     pred = det.predict(ds.test_images)

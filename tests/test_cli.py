@@ -17,7 +17,7 @@ def test_list_prints_model_cards(capsys):
 
 def test_data_list(capsys):
     assert main(["data", "list"]) == 0
-    assert capsys.readouterr().out.split() == ["textures", "digits", "phantom", "mvtec"]
+    assert capsys.readouterr().out.split() == ["textures", "digits", "phantom", "retina", "mvtec"]
 
 
 @pytest.mark.parametrize("argv, message", [

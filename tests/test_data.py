@@ -61,7 +61,7 @@ def _check_common(ds: D.AnomalyDataset, size: int) -> None:
 
 
 def test_list_datasets():
-    assert D.list_datasets() == ["textures", "digits", "phantom", "mvtec"]
+    assert D.list_datasets() == ["textures", "digits", "phantom", "retina", "mvtec"]
     assert D.list_categories("textures") == ["brick", "grass", "gravel"]
     assert D.list_categories("digits")[3] == "class_3"
 
@@ -286,7 +286,7 @@ def test_mvtec_errors(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    _one_line_error(r"unknown dataset 'mnist'.*textures, digits, phantom, mvtec", name="mnist")
+    _one_line_error(r"unknown dataset 'mnist'.*textures, digits, phantom, retina, mvtec", name="mnist")
     _one_line_error(r"unknown textures category 'wood'.*brick, grass, gravel", name="textures", category="wood", root=tmp_path)
     _one_line_error(r"unknown argument\(s\) colour.*valid arguments: category", name="textures", colour=True)
     _one_line_error("normal_class must be an integer from 0 to 9", name="digits", normal_class=10)

@@ -8,6 +8,10 @@
   synthetic defect types and pixel masks (:mod:`.textures`, :mod:`.defects`).
 * ``digits``: scikit-learn's 8x8 digits, one class normal (:mod:`.digits`).
 * ``phantom``: Shepp-Logan-style head phantoms with lesions (:mod:`.phantom`).
+* ``retina``: crops of scikit-image's fundus photograph with retinal lesions (:mod:`.retina`).
+
+The sets with lesions (phantom, retina) also have a weakly labelled split
+(``ds.weak_images``, ``ds.weak_labels``) for weakly supervised methods.
 * ``mvtec``: any folder in the MVTec AD layout (:mod:`.mvtec`).
 
 Generated sets are written once in the MVTec AD layout with a manifest of hashes

@@ -33,7 +33,7 @@ from filelock import FileLock
 from PIL import Image
 
 from ..utils import AnomalyZooError
-from .core import GOOD, Sample
+from .core import DISEASED, GOOD, Sample
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -102,7 +102,7 @@ def check(folder: Path, expected: dict) -> str | None:
             return f"file {rel} does not match its recorded sha256 (corrupt or edited)"
     on_disk = {
         p.relative_to(folder).as_posix()
-        for sub in ("train", "test", "ground_truth")
+        for sub in ("train", "test", "ground_truth", "weak")
         if (folder / sub).is_dir()
         for p in (folder / sub).rglob("*")
         if p.is_file()
@@ -125,7 +125,8 @@ def write_set(folder: Path, samples: Iterable[Sample], expected: dict) -> dict:
     files: dict[str, str] = {}
     counts: dict[str, int] = defaultdict(int)
     for s in samples:
-        if s.split not in ("train", "test") or (s.split == "train" and s.defect != GOOD):
+        if (s.split not in ("train", "test", "weak") or (s.split == "train" and s.defect != GOOD)
+                or (s.split == "weak" and (s.defect not in (GOOD, DISEASED) or s.mask is not None))):
             raise AssertionError(f"generator produced a bad sample: split={s.split!r} defect={s.defect!r}")
         idx = counters[(s.split, s.defect)]
         counters[(s.split, s.defect)] += 1

@@ -18,6 +18,8 @@ from ..utils import AnomalyZooError
 
 #: Name of the folder (and defect label) that holds normal images, as in MVTec AD.
 GOOD = "good"
+#: Folder of the diseased images in the weakly labelled split (``weak/good``, ``weak/diseased``).
+DISEASED = "diseased"
 
 
 @dataclass(repr=False, eq=False)
@@ -36,6 +38,13 @@ class AnomalyDataset:
         test_defects: defect type of each test image, ``"good"`` for normal ones.
         test_files: path of each test image relative to ``root/test`` (``"hole/003.png"``).
         info: the generator's parameters (from ``manifest.json``), empty for plain folders.
+        weak_images: float32 ``[K, 3, H, W]``, the weakly labelled split (folders ``weak/good``
+            then ``weak/diseased``), or ``None`` for sets without one (textures, digits, MVTec AD).
+        weak_labels: int64 ``[K]``, 0 = healthy, 1 = diseased (image level only, no masks), or ``None``.
+
+    The weak split (phantom, retina) is for weakly supervised methods only (DeScarGAN): healthy
+    and diseased images with image-level labels, no masks, generated apart from the train and
+    test images (none of its images is in either).
     """
 
     name: str
@@ -48,6 +57,8 @@ class AnomalyDataset:
     test_defects: list[str]
     test_files: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    weak_images: torch.Tensor | None = None
+    weak_labels: torch.Tensor | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -62,6 +73,7 @@ class AnomalyDataset:
     def summary(self):
         """A small ``pandas.DataFrame``: one row per (split, defect type) with its count.
 
+        The weak split, where there is one, adds rows ``weak``/``good`` and ``weak``/``diseased``.
         Columns: ``split``, ``defect``, ``label`` (0 normal / 1 anomalous), ``count`` and,
         when masks exist, ``mean_mask_area`` (fraction of the image marked anomalous).
         """
@@ -75,16 +87,21 @@ class AnomalyDataset:
             if self.test_masks is not None:
                 row["mean_mask_area"] = float(self.test_masks[torch.from_numpy(sel)].mean()) if sel.any() else 0.0
             rows.append(row)
+        if self.weak_labels is not None:
+            for label, defect in ((0, GOOD), (1, DISEASED)):
+                rows.append({"split": "weak", "defect": defect, "label": label,
+                             "count": int((self.weak_labels == label).sum())})
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
         h, w = self.image_size
         n_bad = int(self.test_labels.sum())
         masks = "pixel masks" if self.test_masks is not None else "image labels only"
+        weak = f", {len(self.weak_labels)} weakly labelled" if self.weak_labels is not None else ""
         return (
             f"AnomalyDataset({self.name}/{self.category}: {len(self.train_images)} train, "
             f"{len(self.test_images)} test ({len(self.test_images) - n_bad} good, {n_bad} anomalous, "
-            f"{len(self.defect_types)} defect types), {h}x{w} px, {masks}, root={str(self.root)!r})"
+            f"{len(self.defect_types)} defect types){weak}, {h}x{w} px, {masks}, root={str(self.root)!r})"
         )
 
 
@@ -93,11 +110,12 @@ class Sample:
     """One generated image on its way to disk.
 
     ``image`` is uint8 ``[H, W]`` (grayscale, saved as one channel) or ``[H, W, 3]``
-    (colour). ``mask`` is a bool ``[H, W]`` for defective test images, else ``None``.
+    (colour). ``mask`` is a bool ``[H, W]`` for defective test images, else ``None`` (always
+    ``None`` in the weak split, which has image labels only).
     """
 
-    split: str  # "train" or "test"
-    defect: str  # "good" or a defect type
+    split: str  # "train", "test" or "weak"
+    defect: str  # "good" or a defect type ("weak": "good" or "diseased")
     image: np.ndarray
     mask: np.ndarray | None = None
 

@@ -5,7 +5,7 @@ MVTec AD layout (see :mod:`~anomaly_zoo.data.cache` for how they are cached and
 :func:`~anomaly_zoo.data.core.data_root` for where). The seed is part of the folder
 name (when not 0) so that notebooks comparing seeds do not rebuild each other's sets.
 
-A generator module (``textures``, ``digits``, ``phantom``) provides ``NAME``,
+A generator module (``textures``, ``digits``, ``phantom``, ``retina``) provides ``NAME``,
 ``VERSION``, ``CATEGORIES``, ``DEFAULT_CATEGORY``, ``config(category, quick, seed)``
 (every parameter that determines the output, recorded in the manifest) and
 ``generate(cfg)`` (yields :class:`~anomaly_zoo.data.core.Sample`). Bump ``VERSION``
@@ -19,21 +19,22 @@ from pathlib import Path
 import numpy as np
 
 from ..utils import AnomalyZooError, env_flag, progress_enabled
-from . import cache, digits, mvtec, phantom, textures
+from . import cache, digits, mvtec, phantom, retina, textures
 from .core import AnomalyDataset, data_root
 
-GENERATORS = {"textures": textures, "digits": digits, "phantom": phantom}
-DATASETS = ("textures", "digits", "phantom", "mvtec")
+GENERATORS = {"textures": textures, "digits": digits, "phantom": phantom, "retina": retina}
+DATASETS = ("textures", "digits", "phantom", "retina", "mvtec")
 _ARGS = {
     "textures": ("category", "quick", "seed", "root", "image_size"),
     "digits": ("normal_class", "category", "quick", "seed", "root", "image_size"),
     "phantom": ("category", "quick", "seed", "root", "image_size"),
+    "retina": ("category", "quick", "seed", "root", "image_size"),
     "mvtec": ("root", "category", "image_size"),
 }
 
 
 def list_datasets() -> list[str]:
-    """Names accepted by :func:`load`: ``["textures", "digits", "phantom", "mvtec"]``."""
+    """Names accepted by :func:`load`: ``["textures", "digits", "phantom", "retina", "mvtec"]``."""
     return list(DATASETS)
 
 
@@ -108,12 +109,12 @@ def load(name: str, **kw) -> AnomalyDataset:
     """Load a dataset as an :class:`AnomalyDataset` (generating and caching it if needed).
 
     Args:
-        name: ``"textures"``, ``"digits"``, ``"phantom"`` or ``"mvtec"``.
+        name: ``"textures"``, ``"digits"``, ``"phantom"``, ``"retina"`` or ``"mvtec"``.
         category: ``textures``: brick, grass, gravel (default brick); ``digits``:
             ``class_0`` .. ``class_9`` (or ``normal_class=k``); ``phantom``: head;
-            ``mvtec``: a category folder under ``root``.
-        quick: small set for CPU runs (128 px, tens of images) instead of the full one
-            (256 px, ~200 train images). ``None``: ``$AZOO_QUICK``. Default False.
+            ``retina``: fundus; ``mvtec``: a category folder under ``root``.
+        quick: small set for CPU runs (128 px, 96 px for retina, tens of images) instead of the
+            full one (256 px, ~200 train images). ``None``: ``$AZOO_QUICK``. Default False.
         seed: generation seed (default 0); the same seed gives the same images.
         root: data folder (default ``$AZOO_DATA``, the checkout's ``data/``, or
             ``~/.cache/anomaly_zoo``); for ``mvtec`` the folder holding the categories.

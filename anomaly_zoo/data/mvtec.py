@@ -12,6 +12,12 @@ Users who downloaded MVTec AD (or any set in this layout) read it with
 phantom) are written in the same layout and read back by the same code, so what a
 detector sees does not depend on whether the set was just generated or cached.
 A set without a ``ground_truth`` folder has image-level labels only (``test_masks=None``).
+
+Sets with lesions (phantom, retina) also hold a weakly labelled split, read into
+``ds.weak_images`` and ``ds.weak_labels`` (``None`` without a ``weak`` folder, as in MVTec AD)::
+
+    <root>/<category>/weak/good/000.png       (label 0, healthy)
+    <root>/<category>/weak/diseased/000.png   (label 1, no mask)
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..utils import AnomalyZooError
-from .core import GOOD, AnomalyDataset, data_root
+from .core import DISEASED, GOOD, AnomalyDataset, data_root
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -178,6 +184,7 @@ def read_folder(
     if not test:
         raise AnomalyZooError(f"no test images in {test_dir} (expected test/good/ and test/<defect>/ image folders)")
 
+    weak_images, weak_labels = _read_weak(folder / "weak", reader)
     return AnomalyDataset(
         name=name,
         category=category if category is not None else folder.name,
@@ -189,7 +196,25 @@ def read_folder(
         test_defects=kinds,
         test_files=names,
         info=dict(info or {}),
+        weak_images=weak_images,
+        weak_labels=weak_labels,
     )
+
+
+def _read_weak(weak_dir: Path, reader: _Reader) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The weakly labelled split (``weak/good``: 0, ``weak/diseased``: 1), ``(None, None)`` without a ``weak`` folder."""
+    if not weak_dir.is_dir():
+        return None, None
+    found = [(label, p) for label, sub in ((0, GOOD), (1, DISEASED)) if (weak_dir / sub).is_dir()
+             for p in _image_files(weak_dir / sub)]
+    others = sorted(set(_subfolders(weak_dir)) - {GOOD, DISEASED})
+    if others or not found:
+        raise AnomalyZooError(
+            f"weak split in {weak_dir}: expected image folders weak/{GOOD} and weak/{DISEASED}"
+            + (f", found {', '.join(others)}" if others else ", found no images")
+        )
+    images = np.stack([reader.image(p)[0] for _, p in found])
+    return torch.from_numpy(images), torch.tensor([label for label, _ in found], dtype=torch.int64)
 
 
 def categories(root: str | os.PathLike | None = None) -> list[str]:

@@ -22,6 +22,11 @@ ventricle, where a dark lesion would be invisible):
 
 About 20% of the lesions are subtle (low contrast). Masks are the lesion's blend
 weight thresholded at 0.5.
+
+The weakly labelled split (``weak/good``, ``weak/diseased``: image labels, no masks) holds
+new scans, healthy or with one lesion of a random type, for weakly supervised methods
+(DeScarGAN). It has its own random streams, so the train and test scans are the same
+with or without it.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from collections.abc import Iterator
 import numpy as np
 from scipy import ndimage as ndi
 
-from .core import GOOD, Sample, make_rng, to_uint8
+from .core import DISEASED, GOOD, Sample, make_rng, to_uint8
 from .defects import blob, soften
 
 NAME = "phantom"
@@ -71,6 +76,8 @@ def config(category: str, quick: bool, seed: int) -> dict:
         "lesion_types": list(LESION_TYPES),
         "noise": 0.015,
         "subtle_fraction": SUBTLE_FRACTION,
+        "n_weak_good": 40 if quick else 100,
+        "n_weak_diseased": 40 if quick else 100,
     }
 
 
@@ -220,8 +227,17 @@ def scan(cfg: dict, rng: np.random.Generator, lesion: str | None = None, subtle:
     return acquire(img, rng, cfg["noise"]), alpha > 0.5
 
 
+def _lesion_scan(cfg: dict, rng, lesion: str, subtle: bool):
+    for _ in range(20):
+        image, mask = scan(cfg, rng, lesion, subtle)
+        if mask.sum() >= 4:
+            break
+    return image, mask
+
+
 def generate(cfg: dict) -> Iterator[Sample]:
-    """Yield the training scans, then the test scans (normal first, then each lesion type)."""
+    """Yield the training scans, the test scans (normal first, then each lesion type), then the
+    weakly labelled split (healthy, then diseased)."""
     train_rng, test_rng, lesion_rng = (
         make_rng(cfg["seed"], NAME, cfg["category"], str(cfg["image_size"]), part) for part in ("train", "test", "lesions")
     )
@@ -234,8 +250,19 @@ def generate(cfg: dict) -> Iterator[Sample]:
     subtle[lesion_rng.choice(len(subtle), int(round(cfg["subtle_fraction"] * len(subtle))), replace=False)] = True
     for t, lesion in enumerate(types):
         for i in range(n):
-            for _ in range(20):
-                image, mask = scan(cfg, test_rng, lesion, bool(subtle[t * n + i]))
-                if mask.sum() >= 4:
-                    break
+            image, mask = _lesion_scan(cfg, test_rng, lesion, bool(subtle[t * n + i]))
             yield Sample("test", lesion, to_uint8(image), mask)
+
+    # the weak split: its own streams, so the scans above do not depend on it
+    weak_rng, weak_lesion_rng = (
+        make_rng(cfg["seed"], NAME, cfg["category"], str(cfg["image_size"]), part) for part in ("weak", "weak_lesions")
+    )
+    for _ in range(cfg["n_weak_good"]):
+        yield Sample("weak", GOOD, to_uint8(scan(cfg, weak_rng)[0]))
+    m = cfg["n_weak_diseased"]
+    kinds = weak_lesion_rng.permutation(np.resize(np.arange(len(types)), m))  # balanced over lesion types
+    subtle = np.zeros(m, bool)
+    subtle[weak_lesion_rng.choice(m, int(round(cfg["subtle_fraction"] * m)), replace=False)] = True
+    for i in range(m):
+        image, _ = _lesion_scan(cfg, weak_rng, types[kinds[i]], bool(subtle[i]))
+        yield Sample("weak", DISEASED, to_uint8(image))
