@@ -3,7 +3,6 @@ checked in one place for every registered model, checkpoint-or-train that knows 
 from __future__ import annotations
 
 import ast
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,9 +82,23 @@ def test_no_library_file_over_400_lines():
 
 
 def test_hyperparameters_are_not_copied_by_hand():
-    copied = [f"{p.relative_to(PACKAGE)}: {line.strip()}" for p in (PACKAGE / "models").rglob("*.py")
-              for line in p.read_text().splitlines() if re.fullmatch(r"\s*self\.(\w+) = \1", line)]
-    assert len(copied) <= 10, "\n".join(copied)
+    """A Detector declares its hyperparameters as Params (stored once, by the base class); no Detector
+    subclass copies ``self.x = x`` by hand. Plain nn.Module building blocks (a memory queue, a coupling
+    layer) keep their constructor arguments as any module does, and are not counted."""
+    import ast
+
+    copied = []
+    for p in (PACKAGE / "models").rglob("*.py"):
+        for cls in ast.walk(ast.parse(p.read_text())):
+            bases = {getattr(b, "id", getattr(b, "attr", "")) for b in getattr(cls, "bases", [])}
+            if not isinstance(cls, ast.ClassDef) or not bases & {"Detector", "FeatureDetector"}:
+                continue
+            for node in ast.walk(cls):
+                if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                        and isinstance(t := node.targets[0], ast.Attribute) and getattr(t.value, "id", "") == "self"
+                        and isinstance(node.value, ast.Name) and node.value.id == t.attr):
+                    copied.append(f"{p.relative_to(PACKAGE)}:{node.lineno}: self.{t.attr} = {t.attr}")
+    assert not copied, "\n".join(copied)
 
 
 def test_import_does_not_load_pyplot_or_pandas():
