@@ -271,7 +271,7 @@ def load_results(path=None) -> pd.DataFrame:
     if not path.is_file():
         raise AnomalyZooError(f"no sweep results at {path}: run `make leaderboard` (or python -m anomaly_zoo "
                               "bench ... --out FILE) in a checkout of the repository")
-    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"error": str})
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise AnomalyZooError(f"{path} is not a sweep output: it lacks the columns {', '.join(missing)}")
