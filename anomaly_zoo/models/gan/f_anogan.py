@@ -81,11 +81,18 @@ class FAnoGAN(GANDetector):
     epochs = Param.epochs(400)
     lr = Param.lr(1e-4)
 
+    # CCD's hook (``ssl/ccd.py`` pre-trains this detector's encoder E, then fits it): the encoder, whether it
+    # reads [-1, 1] images, and ``encoder_init``: a state dict ``_build`` loads into E when set (CCD sets it
+    # for one ``fit``; None, the default, changes nothing)
+    ccd_encoder, ccd_signed, encoder_init = "encoder_", True, None
+
     def _build(self, shapes: dict) -> None:
         s = self._side(shapes)
         self.generator_ = dcgan_init_(Decoder(s, self.latent_dim, self.width))
         self.critic_ = dcgan_init_(Discriminator(s, self.width, norm="layer"))
         self.encoder_ = dcgan_init_(Encoder(s, self.latent_dim, self.width))
+        if self.encoder_init is not None:  # CCD's hook: start from a pre-trained encoder
+            self.encoder_.load_state_dict(self.encoder_init)
 
     # ------------------------------------------------------ stage 1: WGAN-GP
     def _noise(self, n: int, ctx) -> torch.Tensor:

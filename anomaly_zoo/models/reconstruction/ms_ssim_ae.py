@@ -128,6 +128,10 @@ class MSSSIMAutoEncoder(ReconstructionDetector):
     stride = Param(None, int, low=1, none=True,
                    help="step between regions, px, a divisor of side - region_size; None: the one nearest region/4")
     predict_batch_size = 8  # every image is scored on ~50-170 regions
+    # CCD's hook (``ssl/ccd.py`` pre-trains this detector's encoder, then fits it): the encoder, whether it
+    # reads [-1, 1] images, and ``encoder_init``: a state dict ``_build`` loads into it when set (CCD sets it
+    # for one ``fit``; None, the default, changes nothing)
+    ccd_encoder, ccd_signed, encoder_init = "net_.encoder", False, None
 
     def geometry(self, side: int) -> tuple[int, int, int]:
         """``(patch_size, region_size, stride)`` for images of ``side`` px, each checked."""
@@ -152,6 +156,8 @@ class MSSSIMAutoEncoder(ReconstructionDetector):
     def _build(self, shapes: dict) -> None:
         super()._build(shapes)
         self.geometry(shapes["input_hw"][0])
+        if self.encoder_init is not None:  # CCD's hook: start from a pre-trained encoder
+            self.net_.encoder.load_state_dict(self.encoder_init)
 
     def msi(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """``s_MSI`` per image ``[B]``: ``1 - (nu m_G + (1 - nu) m_L)``."""

@@ -180,6 +180,11 @@ class IGD(Detector):
     lr = Param.lr(1e-4)
     weight_decay = Param.weight_decay(1e-6)
 
+    # CCD's hook (``ssl/ccd.py`` pre-trains this detector's encoder, then fits it): the encoder f_theta, whether
+    # it reads [-1, 1] images, and ``encoder_init``: a state dict ``_build`` loads into it when set (CCD sets
+    # it for one ``fit``; None, the default, changes nothing)
+    ccd_encoder, ccd_signed, encoder_init = "encoder_", False, None
+
     def geometry(self, side: int) -> tuple[int, int, int]:
         """``(patch, region, stride)`` for images of ``side`` px."""
         patch = self.patch_size or max(11, side // 4)
@@ -205,6 +210,8 @@ class IGD(Detector):
         self.critic_ = ConvAutoEncoder(h, 1, self.width).encoder
         self.register_buffer("mu_", torch.zeros(self.latent_dim))
         self.register_buffer("sigma_", torch.ones(()))
+        if self.encoder_init is not None:  # CCD's hook: start from a pre-trained encoder
+            self.encoder_.load_state_dict(self.encoder_init)
 
     # ------------------------------------------------------------------ networks
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,10 @@ class SSPCAB(nn.Module):
     def reset_parameters(self) -> None:
         """He initialisation counted over the *unmasked* inputs (4 k'^2 c of the (2k'+2d+1)^2 c in the window;
         the paper does not say): a default or N(0, 0.02) initialisation of the full window leaves the block's
-        output near zero, and behind it the host network starts from almost no signal."""
+        output near zero, and behind it the host network starts from almost no signal. Checked on training data
+        only (:mod:`anomaly_zoo.validation`, DRAEM's quick preset, 8 proxy splits of brick and grass): with
+        N(0, 0.02) the maps saturated on 2 splits (every image score equal) and the mean AUPRO was 0.33, with this
+        initialisation 0.36."""
         fan_in = float(self.mask.sum()) * self.conv.in_channels
         nn.init.normal_(self.conv.weight, 0.0, (2.0 / fan_in) ** 0.5)
         nn.init.zeros_(self.conv.bias)
