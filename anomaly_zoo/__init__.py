@@ -20,12 +20,12 @@ from .utils import AnomalyZooError, NotFittedError, resolve_device, set_seed
 
 __version__ = "0.1.0"
 
-_LAZY = ("bench", "notebook", "viz")
+_LAZY = ("bench", "notebook", "validation", "viz")
 
 __all__ = [
     "AnomalyZooError", "Detector", "FAMILIES", "FeatureDetector", "NotFittedError", "Param", "Prediction",
     "backbones", "bench", "create", "data", "get_card", "list_models", "load", "metrics", "notebook", "register",
-    "resolve_device", "set_seed", "viz", "__version__",
+    "resolve_device", "set_seed", "validation", "viz", "__version__",
 ]
 
 

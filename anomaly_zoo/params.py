@@ -34,7 +34,8 @@ class Param:
     """One hyperparameter: its default and the values it accepts.
 
     kind: ``int``, ``float`` (ints accepted), ``bool``, ``str``, ``tuple`` (a list or tuple,
-    each item checked by ``item``), or ``object`` (anything; say why in ``help``).
+    each item checked by ``item``), ``dict`` (keys are strings; the method checks the values),
+    or ``object`` (anything; say why in ``help``).
     low/high: inclusive bounds (``low_open``/``high_open``: exclusive). choices: allowed values.
     none: whether ``None`` is allowed (it means "the method's choice", said in ``help``).
     """
@@ -93,6 +94,8 @@ class Param:
             text = f"a non-empty list of {self.item.__name__ if self.item else 'values'}"
         elif self.kind is str:
             text = "a string"
+        elif self.kind is dict:
+            text = "a dict with string keys"
         else:
             text = "any value"
         return text + (", or None" if self.none else "")
@@ -119,6 +122,8 @@ class Param:
             return self.item is None or all(isinstance(v, self.item) and not isinstance(v, bool) for v in value)
         if self.kind is str:
             return isinstance(value, str)
+        if self.kind is dict:
+            return isinstance(value, dict) and all(isinstance(k, str) for k in value)
         return True
 
 

@@ -125,6 +125,8 @@ def _bad_values(spec: Param) -> list:
         out += [[], 7]
     elif spec.kind is str:
         out.append(3)
+    elif spec.kind is dict:
+        out += [[("epochs", 1)], {1: 2}]
     if not spec.none:
         out.append(None)
     return out

@@ -152,7 +152,7 @@ def test_ccd_score_and_map_are_the_downstreams():
     (dict(downstream="padim"), r"ccd: downstream='padim' is out of range; allowed: one of 'igd', 'f_anogan'"),
     (dict(pretrain="byol"), r"ccd: pretrain='byol' is out of range; allowed: one of 'ccd', 'simclr', 'none'"),
     (dict(strong="blur"), r"ccd: strong='blur' is out of range"),
-    (dict(downstream_params="epochs=3"), r"ccd: downstream_params='epochs=3' is out of range; allowed: None or a dict"),
+    (dict(downstream_params="epochs=3"), r"ccd: downstream_params='epochs=3' is out of range; allowed: a dict with string keys, or None"),
     (dict(downstream_params={"foo": 1}), r"ccd: downstream_params: igd has no parameter foo"),
     (dict(downstream_params={"seed": 1}), r"no 'seed': the downstream gets ccd's own seed"),
     (dict(downstream_params={"xi": 2.0}), r"ccd: downstream igd: xi=2.0 is out of range"),
