@@ -57,7 +57,7 @@ def test_ccd_neighbour_pairs_labels_are_the_eight_neighbours():
         assert ((shift.abs() >= 3 * k // 4) & (shift.abs() < k))[moves].all()
     assert corners.min() >= 0 and corners.max() <= side - k
     assert OFFSETS[0] == (-1, -1) and OFFSETS[4] == (0, 1) and OFFSETS[7] == (1, 1) and len(set(OFFSETS)) == 8
-    with pytest.raises(ValueError, match="at least 36 px"):
+    with pytest.raises(az.AnomalyZooError, match="at least 36 px"):
         neighbour_pairs(x[:, :, :30, :30], k, torch.Generator())
 
 
@@ -79,7 +79,7 @@ def test_ccd_strong_augmentations_and_their_labels():
     noisy = [noise(x, j, g) for j in range(4)]
     assert torch.equal(noisy[0], x) and all((n != x).any() and n.min() >= 0 and n.max() <= 1 for n in noisy[1:])
     assert set(STRONG) == {"cutperm", "rotation", "noise"}
-    with pytest.raises(ValueError, match="unknown strong augmentation"):
+    with pytest.raises(az.AnomalyZooError, match="unknown strong augmentation"):
         strong_augment(x, "blur")
 
 

@@ -32,6 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..utils import AnomalyZooError
+
 GREY = (0.299, 0.587, 0.114)
 
 
@@ -146,7 +148,7 @@ def strong_augment(x: torch.Tensor, kind: str = "cutperm",
     """Every transformation ``a_j`` of the strong set ``kind`` on every image: ``(images [N * K, C, H, W],
     labels [N * K])``, image-major (rows ``i K .. i K + K - 1`` are ``a_0(x_i) .. a_{K-1}(x_i)``)."""
     if kind not in STRONG:
-        raise ValueError(f"unknown strong augmentation {kind!r}; use one of {', '.join(STRONG)}")
+        raise AnomalyZooError(f"unknown strong augmentation {kind!r}; use one of {', '.join(STRONG)}")
     fn, k = STRONG[kind]
     out = torch.stack([fn(x, j, generator) for j in range(k)], 1)  # [N, K, C, H, W]
     return out.flatten(0, 1), torch.arange(k).repeat(len(x)).to(x.device)

@@ -101,7 +101,7 @@ def neighbour_pairs(x: torch.Tensor, size: int, generator: torch.Generator):
     Returns ``(x_w1, x_w2 [N, C, size, size], labels [N], corners [N, 4] = (y1, x1, y2, x2))``."""
     n, _, h, w = x.shape
     if min(h, w) < 3 * size:
-        raise ValueError(f"neighbour_pairs: patches of {size} px need images of at least {3 * size} px")
+        raise AnomalyZooError(f"neighbour_pairs: patches of {size} px need images of at least {3 * size} px")
     g = generator
     labels = torch.randint(8, (n,), generator=g)
     y1 = torch.randint(size, h - 2 * size + 1, (n,), generator=g)
