@@ -107,8 +107,8 @@ def test_efficientad_hard_feature_loss_by_hand():
 
 def test_efficientad_maps_are_quantile_normalised_on_held_out_images(tiny):
     train = torch.cat([tiny[0], tiny[0].flip(-1)])  # 12 images: 2 held out at val_fraction 0.15
-    det = az.create("efficientad", preset="quick", teacher_steps=2, teacher_batch=2, steps=2, pdn_width=0.0625,
-                    val_fraction=0.15).fit(train)
+    det = az.create("efficientad", preset="quick", teacher="distil", teacher_steps=2, teacher_batch=2, steps=2,
+                    pdn_width=0.0625, val_fraction=0.15).fit(train)
     assert det.diagnostics_["held_out_images"] == 2
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(det.seed))
     val = det._prepare(train[order[-2:]], "x").to(det.device_)
@@ -116,11 +116,87 @@ def test_efficientad_maps_are_quantile_normalised_on_held_out_images(tiny):
         st, ae = det._raw_maps(val)
     qa, qb = torch.quantile(st.flatten(), 0.9), torch.quantile(st.flatten(), 0.995)
     assert torch.allclose(det.quantiles_[:2], torch.stack([qa, qb]), rtol=1e-5)
-    # the combined map of an image is the mean of both normalised maps, padded by 4 and resized
+    # the combined map of an image is the mean of both normalised maps, padded by 4 edge cells and resized
     pred = det.predict(train[order[-2:]])
     norm = 0.5 * (0.1 * (st - qa) / (qb - qa) + 0.1 * (ae - det.quantiles_[2]) / (det.quantiles_[3] - det.quantiles_[2]))
-    expected = F.interpolate(F.pad(norm, (4, 4, 4, 4))[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    padded = F.pad(norm[:, None], (4, 4, 4, 4), mode="replicate")
+    expected = F.interpolate(padded, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
     assert torch.allclose(pred.maps, expected.cpu(), atol=1e-5)
+    assert pred.scores == pytest.approx(expected.flatten(1).amax(1).cpu(), abs=1e-6)
+
+
+def test_efficientad_padding_never_ranks_the_unseen_border_above_the_interior():
+    """The bug behind phantom's anti-correlated maps (pixel AUROC .37): the border the PDN does not centre on
+    was padded with 0, above every normal cell (their normalised maps are mostly < 0, below q_a)."""
+    st = torch.full((1, 8, 8), 1.0)  # every cell below q_a = 2 (normalised: -0.1) ...
+    st[0, 5, 0] = 3.0  # ... but an anomalous cell on the left edge (its receptive field covers the border)
+    st[0, 0, :] = 0.5  # and a quiet top row (-0.15)
+    m = efficientad.combine_maps(st, st, [2.0, 3.0, 2.0, 3.0], (64, 64))[0]
+    row, col = divmod(int(m.argmax()), 64)
+    assert 36 <= row <= 39 and col < 20 and m.amax() > 0  # the anomalous cell, padded cell (9, 4): px 36-39
+    assert m[:16].max() == pytest.approx(-0.15) and m[:, :16].max() == m.amax()  # the border repeats its edge
+    assert m[63, 40] == pytest.approx(-0.1)
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 34:42, 0:20] = 1  # the anomalous cell and the border beside it
+    assert az.metrics.pixel_auroc(m[None], mask) > 0.9
+
+
+def test_efficientad_padded_teacher_is_the_unpadded_one_shifted_by_four_cells():
+    """The teacher is distilled padded (its output is the image side / 4, the target's grid) and used unpadded:
+    with the same weights, the unpadded output is the padded one without its 4 outer cells."""
+    torch.manual_seed(0)
+    padded = efficientad.pdn_small(5, width=0.0625, padded=True)
+    plain = efficientad.pdn_small(5, width=0.0625)
+    plain.load_state_dict(padded.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        big, small = padded(x), plain(x)
+    assert big.shape[-1] == 16 and small.shape[-1] == efficientad.pdn_grid(64) == 8
+    assert torch.allclose(big[..., 4:-4, 4:-4], small, atol=1e-6)
+
+
+def test_efficientad_distil_teacher_is_deterministic():
+    kw = dict(size=64, batch=2, lr=1e-3)
+    a, b = efficientad.distil_teacher(0.0625, 3, 5, **kw), efficientad.distil_teacher(0.0625, 3, 5, **kw)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = efficientad.distil_teacher(0.0625, 3, 6, **kw)
+    assert not torch.equal(a["0.weight"], c["0.weight"])
+
+
+def test_efficientad_shipped_teacher_loads_and_predicts_the_features():
+    """The file in the package: the recorded command and width, strict loading into the detector's PDN, and
+    the distillation target on fresh crops (a seed the distillation never drew) mostly explained."""
+    state, meta = efficientad.read_teacher(efficientad.teacher_path(0.25))
+    assert meta["width"] == 0.25 and meta["layers"] == ["stage3", "stage5"] and "distil-teacher" in meta["command"]
+    assert meta["steps"] == efficientad.SHIPPED["steps"] and meta["variance_left"] < 0.8
+    pdn = efficientad.pdn_small(152, 0.25, padded=True)
+    pdn.load_state_dict(state)
+    fx = az.backbones.create_backbone(layers=meta["layers"])
+    big, x = efficientad._photos(12, meta["size"], torch.Generator().manual_seed(12345))
+    with torch.no_grad():
+        t = (efficientad.feature_target(fx, big, (16, 16)) - meta["target_mean"]) / meta["target_std"]
+        left = (pdn(x) - t).pow(2).mean() / (t - t.mean((0, 2, 3), keepdim=True)).pow(2).mean()
+        torch.manual_seed(0)
+        fresh = (efficientad.pdn_small(152, 0.25, padded=True)(x) - t).pow(2).mean() / (t - t.mean()).pow(2).mean()
+    assert left < 0.8 < fresh
+
+
+def test_efficientad_shipped_teacher_errors_name_the_width_and_the_command(tiny):
+    with pytest.raises(az.AnomalyZooError, match=r"pdn_width=0\.5.*distil-teacher --width 0\.5"):
+        az.create("efficientad", preset="quick", pdn_width=0.5).fit(tiny[0])
+    with pytest.raises(az.AnomalyZooError, match=r"layers.*teacher='distil'"):
+        az.create("efficientad", preset="quick", layers=("stage2", "stage3")).fit(tiny[0])
+    with pytest.raises(az.AnomalyZooError, match="teacher='bogus'"):
+        az.create("efficientad", teacher="bogus").fit(tiny[0])
+
+
+def test_efficientad_quick_fit_uses_the_shipped_teacher(tiny):
+    det = az.create("efficientad", preset="quick", steps=2).fit(tiny[0])
+    state, _ = efficientad.read_teacher(efficientad.teacher_path(0.25))
+    assert all(torch.equal(det.teacher_.state_dict()[k].cpu(), v) for k, v in state.items())
+    assert "teacher" not in det.history_ and all(not p.requires_grad for p in det.teacher_.parameters())
+    rand = az.create("efficientad", preset="quick", steps=2, pretrained=False).fit(tiny[0])  # random-teacher baseline
+    assert not torch.equal(rand.teacher_.state_dict()["0.weight"].cpu(), state["0.weight"])
 
 
 def test_efficientad_generic_images_exclude_the_test_sources():
