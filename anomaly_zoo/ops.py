@@ -22,6 +22,13 @@ import torch.nn.functional as F
 
 #: the default budget of one chunk of a distance matrix: 2**24 float32 numbers = 64 MB
 MAX_ELEMENTS = 2**24
+#: Rec. 601 luma weights of R, G, B: the one grey level of the library
+LUMA = (0.299, 0.587, 0.114)
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """Grey level of RGB images, channels at dim -3: ``[..., 3, H, W] -> [..., 1, H, W]``."""
+    return (x * x.new_tensor(LUMA).view(3, 1, 1)).sum(-3, keepdim=True)
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 from scipy import ndimage as ndi
 
 import anomaly_zoo as az
-from anomaly_zoo.models.medical.pnet import LUMA, hessian_eigenvalues, pnet_terms, vesselness
+from anomaly_zoo.models.medical.pnet import hessian_eigenvalues, pnet_terms, vesselness
+from anomaly_zoo.ops import LUMA
 from anomaly_zoo.utils import AnomalyZooError
 
 

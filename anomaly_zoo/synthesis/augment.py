@@ -32,19 +32,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..ops import luma
 from ..utils import AnomalyZooError
-
-GREY = (0.299, 0.587, 0.114)
 
 
 def _u(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g)
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    """Luma ``[N, 1, H, W]`` of RGB images."""
-    w = torch.tensor(GREY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
 
 
 def resized_crop(x: torch.Tensor, g: torch.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
@@ -78,8 +71,8 @@ def colour_jitter(x: torch.Tensor, g: torch.Generator, brightness=0.4, contrast=
     fb, fc, fs = (_u(n, 1 - s, 1 + s, g).to(dev, dt).view(n, 1, 1, 1) for s in (brightness, contrast, saturation))
     turn = _u(n, -hue, hue, g).to(dev, dt) * 2 * math.pi
     y = (x * fb).clamp(0, 1)
-    y = (fc * y + (1 - fc) * _grey(y).mean((2, 3), keepdim=True)).clamp(0, 1)
-    y = (fs * y + (1 - fs) * _grey(y)).clamp(0, 1)
+    y = (fc * y + (1 - fc) * luma(y).mean((2, 3), keepdim=True)).clamp(0, 1)
+    y = (fs * y + (1 - fs) * luma(y)).clamp(0, 1)
     c, s = torch.cos(turn), torch.sin(turn)
     k, r = (1 - c) / 3, s / math.sqrt(3)
     rot = torch.stack([torch.stack([c + k, k - r, k + r], -1), torch.stack([k + r, c + k, k - r], -1),
@@ -105,7 +98,7 @@ def weak_augment(x: torch.Tensor, g: torch.Generator, grey: float = 0.2) -> torc
     n = len(x)
     y = colour_jitter(resized_crop(x, g), g)
     to_grey = (torch.rand(n, generator=g) < grey).to(x.device).view(n, 1, 1, 1)
-    y = torch.where(to_grey, _grey(y).expand_as(y), y)
+    y = torch.where(to_grey, luma(y).expand_as(y), y)
     return cutout(y, g)
 
 

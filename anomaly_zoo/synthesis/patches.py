@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import gaussian_blur
+from ..ops import gaussian_blur, luma
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -80,10 +80,10 @@ def colour_jitter(patch: torch.Tensor, strength: float, g: torch.Generator) -> t
     f = 1 - strength + 2 * strength * torch.rand(4, generator=g)
     dev = patch.device
     x = patch * float(f[0])
-    grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).clamp(0, 1)
+    grey = luma(x).clamp(0, 1)
     x = (float(f[1]) * x + (1 - float(f[1])) * grey.mean()).clamp(0, 1)
-    grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
-    x = (float(f[2]) * x + (1 - float(f[2])) * grey[None]).clamp(0, 1)
+    grey = luma(x)
+    x = (float(f[2]) * x + (1 - float(f[2])) * grey).clamp(0, 1)
     theta = (float(f[3]) - 1) * 2 * torch.pi  # (f - 1) is uniform in [-s, s]: a share of a full turn
     c, s_ = float(torch.cos(torch.tensor(theta))), float(torch.sin(torch.tensor(theta)))
     k = (1 - c) / 3

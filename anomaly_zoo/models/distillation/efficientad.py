@@ -61,6 +61,7 @@ from torch import nn
 
 from ...backbones import create_backbone, taps_at
 from ...base import FeatureDetector
+from ...ops import luma
 from ...params import Param, bad
 from ...registry import register
 from ...training import fit_loop
@@ -144,7 +145,7 @@ def _photos(n: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.
     greyscale (the official pre-training's RandomGrayscale(0.1), applied to both)."""
     big = generic_images(n, 2 * size, g)
     grey = torch.rand(n, generator=g) < 0.1
-    big[grey] = (0.299 * big[grey, 0] + 0.587 * big[grey, 1] + 0.114 * big[grey, 2])[:, None].expand(-1, 3, -1, -1)
+    big[grey] = luma(big[grey]).expand(-1, 3, -1, -1)
     return big, F.interpolate(big, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
@@ -220,7 +221,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     for img in x:
         kind = int(torch.randint(3, (1,), generator=g))
         f = 0.8 + 0.4 * float(torch.rand(1, generator=g))
-        grey = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2])[None]
+        grey = luma(img)
         ref = img.new_zeros(()) if kind == 0 else (grey.mean() if kind == 1 else grey)
         out.append((ref + f * (img - ref)).clamp(0, 1))
     return torch.stack(out)

@@ -82,14 +82,13 @@ from torch import nn
 
 from ...base import Detector
 from ...nets import double_conv
-from ...ops import gaussian_blur
+from ...ops import gaussian_blur, luma
 from ...params import Param, bad
 from ...registry import register
 from ...training import Player
 from ...utils import AnomalyZooError
 
 POLARITIES = ("both", "dark", "bright")
-LUMA = (0.299, 0.587, 0.114)  # Rec. 601 grey level
 
 
 # ------------------------------------------------------------------ G_s: the structure extractor
@@ -124,15 +123,10 @@ def hessian_eigenvalues(grey: torch.Tensor, sigma: float) -> tuple[torch.Tensor,
     return torch.where(swap, b, a), torch.where(swap, a, b)
 
 
-def to_grey(x: torch.Tensor) -> torch.Tensor:
-    """``[N, 3, H, W] -> [N, 1, H, W]`` grey level (Rec. 601 luma)."""
-    return (x * x.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
-
-
 def hessian_norm(x: torch.Tensor, sigmas) -> torch.Tensor:
     """``max_s sqrt(l1^2 + l2^2)`` per pixel ``[N, 1, H, W]``: Frangi's structureness before its ``c``."""
     return torch.stack([torch.sqrt(l1**2 + l2**2) for l1, l2 in
-                        (hessian_eigenvalues(to_grey(x), s) for s in sigmas)]).amax(0)
+                        (hessian_eigenvalues(luma(x), s) for s in sigmas)]).amax(0)
 
 
 def vesselness(x: torch.Tensor, sigmas, c: float, beta: float = 0.5, polarity: str = "both") -> torch.Tensor:
@@ -143,7 +137,7 @@ def vesselness(x: torch.Tensor, sigmas, c: float, beta: float = 0.5, polarity: s
     ``l2 < 0``, ``"both"`` all. Differentiable, so ``L_str`` trains ``G_r`` through it."""
     if polarity not in POLARITIES:
         raise AnomalyZooError(f"polarity must be one of {', '.join(map(repr, POLARITIES))}, got {polarity!r}")
-    grey, out = to_grey(x), None
+    grey, out = luma(x), None
     for s in sigmas:
         l1, l2 = hessian_eigenvalues(grey, s)
         rb2 = l1**2 / (l2**2 + 1e-12)
