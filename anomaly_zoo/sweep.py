@@ -295,6 +295,42 @@ def summarize(df: pd.DataFrame, metrics=("image_auroc", "pixel_auroc", "aupro"))
     return out.reset_index()
 
 
+def mean_std(mean: float, std: float) -> str:
+    """``'0.912 ± 0.021'``, the mean alone for a single seed, ``''`` where nothing was measured."""
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.3f}" + ("" if pd.isna(std) else f" ± {std:.3f}")
+
+
+def board(df: pd.DataFrame, metric: str = "image_auroc", *, models=None, family: str | None = None,
+          datasets=None) -> pd.DataFrame:
+    """A chapter's view of a sweep: one row per model (of ``models`` or ``family``), one column per data set
+    (``dataset:category``, or only those in ``datasets``), each cell ``'mean ± std'`` of ``metric`` over the
+    seeds with the number of seeds in brackets; empty where the model was not run (or the metric does not
+    apply)."""
+    if metric not in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "aupro"):
+        raise AnomalyZooError(f"board: unknown metric {metric!r}")
+    s = summarize(df, metrics=(metric,))
+    s["data"] = s["dataset"] + ":" + s["category"].astype(str)
+    if family is not None:
+        s = s[s["family"] == family]
+    if models is not None:
+        s = s[s["model"].isin(list(models))]
+    if datasets is not None:
+        s = s[s["data"].isin(list(datasets))]
+    if s.empty:
+        raise AnomalyZooError(f"board: no successful rows for models={models}, family={family}, "
+                              f"datasets={datasets}")
+    s["cell"] = [mean_std(m, d) + (f" ({n})" if m == m else "")
+                 for m, d, n in zip(s[f"{metric}_mean"], s[f"{metric}_std"], s["seeds"])]
+    out = s.pivot(index="model", columns="data", values="cell").fillna("")
+    order = list(models) if models is not None else sorted(out.index)
+    cols = list(datasets) if datasets is not None else sorted(out.columns)
+    out = out.reindex(index=[m for m in order if m in out.index], columns=[c for c in cols if c in out.columns])
+    out.columns.name = metric
+    return out
+
+
 def jobs_as_frame(jobs: list[Job]) -> pd.DataFrame:
     """The plan as a table (a dry run)."""
     return pd.DataFrame([asdict(j) for j in jobs])

@@ -123,3 +123,27 @@ def test_ray_engine_gives_the_local_rows(local_rows, tmp_path, monkeypatch):
     want = local.sort_values(["model", "seed"]).reset_index(drop=True)
     assert list(got["error"] != "") == list(want["error"] != "")
     pd.testing.assert_frame_equal(got[METRICS], want[METRICS], check_exact=False, atol=1e-6)
+
+
+def _rows(values):
+    """Result rows ``(model, family, category, seed, image_auroc, error)`` as a sweep file would hold them."""
+    return pd.DataFrame([dict(model=m, family=f, dataset="textures", category=c, seed=s, image_auroc=v,
+                              pixel_auroc=None, aupro=None, fit_s=1.0, peak_rss_mb=1.0, error=e)
+                         for m, f, c, s, v, e in values])
+
+
+def test_board_gives_mean_std_and_seed_count_per_model_and_data_set():
+    df = _rows([("a", "x", "brick", 0, 0.8, ""), ("a", "x", "brick", 1, 0.9, ""), ("a", "x", "grass", 0, 0.5, ""),
+                ("a", "x", "grass", 1, float("nan"), "boom"), ("b", "y", "brick", 0, 0.7, ""),
+                ("c", "x", "brick", 0, 0.6, "")])
+    t = sweep.board(df, "image_auroc", family="x")
+    assert list(t.index) == ["a", "c"] and list(t.columns) == ["textures:brick", "textures:grass"]
+    assert t.loc["a", "textures:brick"] == "0.850 ± 0.071 (2)"  # std over seeds, ddof 1
+    assert t.loc["a", "textures:grass"] == "0.500 (1)"  # the failed seed is left out
+    assert t.loc["c", "textures:grass"] == ""  # not run there
+    t = sweep.board(df, "image_auroc", models=["b", "a"], datasets=["textures:brick"])
+    assert list(t.index) == ["b", "a"] and t.loc["b", "textures:brick"] == "0.700 (1)"
+    with pytest.raises(AnomalyZooError, match="metric"):
+        sweep.board(df, "accuracy")
+    with pytest.raises(AnomalyZooError, match="no successful rows"):
+        sweep.board(df, family="gan")
