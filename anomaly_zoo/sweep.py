@@ -331,6 +331,23 @@ def board(df: pd.DataFrame, metric: str = "image_auroc", *, models=None, family:
     return out
 
 
+def against_targets(df: pd.DataFrame, targets) -> pd.DataFrame:
+    """Each target ``(model, "dataset:category", metric, threshold)`` against the sweep's rows: the value of every
+    seed (``'0.912 / 0.871 / 0.930'``, seeds in order), the lowest, and ``met`` (every seed at or above the
+    threshold; ``'-'`` where no seed was run)."""
+    ok = df[df["error"] == ""]
+    out = []
+    for model, data, metric, threshold in targets:
+        dataset, _, category = data.partition(":")
+        rows = ok[(ok["model"] == model) & (ok["dataset"] == dataset) & (ok["category"].astype(str) == category)]
+        vals = rows.sort_values("seed")[metric].dropna()
+        out.append({"model": model, "data": data, "metric": metric, "target": threshold,
+                    "seeds": " / ".join(f"{v:.3f}" for v in vals),
+                    "lowest": round(float(vals.min()), 3) if len(vals) else float("nan"),
+                    "met": "-" if vals.empty else ("yes" if (vals >= threshold).all() else "no")})
+    return pd.DataFrame(out)
+
+
 def jobs_as_frame(jobs: list[Job]) -> pd.DataFrame:
     """The plan as a table (a dry run)."""
     return pd.DataFrame([asdict(j) for j in jobs])

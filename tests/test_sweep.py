@@ -147,3 +147,13 @@ def test_board_gives_mean_std_and_seed_count_per_model_and_data_set():
         sweep.board(df, "accuracy")
     with pytest.raises(AnomalyZooError, match="no successful rows"):
         sweep.board(df, family="gan")
+
+
+def test_against_targets_lists_every_seed_and_fails_a_target_missed_on_one_seed():
+    df = _rows([("a", "x", "brick", 1, 0.95, ""), ("a", "x", "brick", 0, 0.80, ""), ("a", "x", "brick", 2, 0.0, "oom"),
+                ("b", "y", "brick", 0, 0.91, "")])
+    t = sweep.against_targets(df, [("a", "textures:brick", "image_auroc", 0.85),
+                                   ("b", "textures:brick", "image_auroc", 0.90),
+                                   ("b", "textures:grass", "image_auroc", 0.90)]).set_index("model")
+    assert t.seeds.tolist() == ["0.800 / 0.950", "0.910", ""]
+    assert t.met.tolist() == ["no", "yes", "-"] and t.lowest.iloc[0] == 0.8
