@@ -334,13 +334,19 @@ def board(df: pd.DataFrame, metric: str = "image_auroc", *, models=None, family:
 def against_targets(df: pd.DataFrame, targets) -> pd.DataFrame:
     """Each target ``(model, "dataset:category", metric, threshold)`` against the sweep's rows: the value of every
     seed (``'0.912 / 0.871 / 0.930'``, seeds in order), the lowest, and ``met`` (every seed at or above the
-    threshold; ``'-'`` where no seed was run)."""
+    threshold; ``'-'`` where no seed was run). The category ``"mean"`` (``"digits:mean"``) is the mean over the
+    data set's categories, for the seeds run on all of them (the digits' ten-class mean)."""
     ok = df[df["error"] == ""]
     out = []
     for model, data, metric, threshold in targets:
         dataset, _, category = data.partition(":")
-        rows = ok[(ok["model"] == model) & (ok["dataset"] == dataset) & (ok["category"].astype(str) == category)]
-        vals = rows.sort_values("seed")[metric].dropna()
+        rows = ok[(ok["model"] == model) & (ok["dataset"] == dataset)]
+        if category == "mean":
+            n = df.loc[df["dataset"] == dataset, "category"].nunique()
+            per_seed = rows.groupby("seed")[metric].agg(["mean", "count"])
+            vals = per_seed.loc[per_seed["count"] == n, "mean"]
+        else:
+            vals = rows[rows["category"].astype(str) == category].sort_values("seed")[metric].dropna()
         out.append({"model": model, "data": data, "metric": metric, "target": threshold,
                     "seeds": " / ".join(f"{v:.3f}" for v in vals),
                     "lowest": round(float(vals.min()), 3) if len(vals) else float("nan"),

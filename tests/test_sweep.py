@@ -157,3 +157,9 @@ def test_against_targets_lists_every_seed_and_fails_a_target_missed_on_one_seed(
                                    ("b", "textures:grass", "image_auroc", 0.90)]).set_index("model")
     assert t.seeds.tolist() == ["0.800 / 0.950", "0.910", ""]
     assert t.met.tolist() == ["no", "yes", "-"] and t.lowest.iloc[0] == 0.8
+
+
+def test_against_targets_averages_the_categories_for_mean():
+    df = _rows([("a", "x", "brick", 0, 0.8, ""), ("a", "x", "grass", 0, 0.6, ""), ("a", "x", "brick", 1, 0.9, "")])
+    t = sweep.against_targets(df, [("a", "textures:mean", "image_auroc", 0.75)])
+    assert t.seeds.tolist() == ["0.700"] and t.met.tolist() == ["no"]  # seed 1 lacks grass: left out
