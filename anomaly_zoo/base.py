@@ -149,7 +149,10 @@ class Detector(nn.Module):
     def _prepare(self, images, name: str) -> torch.Tensor:
         x = check_images(images, name)
         size = getattr(self, "image_size", None)
-        return resize(x, size) if size else x
+        x = resize(x, size) if size else x
+        # one memory layout for every method: channels-last input (a numpy HWC array permuted, as the retina
+        # set's) crashed torch 2.13's CPU convolution backward in NSA's ResNet (a segfault, not an error)
+        return x.contiguous()
 
     def fit(self, images, checkpoint: str | Path | None = None, labels=None) -> Detector:
         """Learn normality from ``images`` (normal only). Returns ``self``.

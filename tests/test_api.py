@@ -211,3 +211,16 @@ def test_progress_is_quiet_without_a_watcher(monkeypatch):
     monkeypatch.setenv("AZOO_NO_PROGRESS", "0")
     # pytest captures stderr (not a TTY) and no Jupyter kernel runs here: nobody watches
     assert not progress_enabled()
+
+
+def test_channels_last_input_gives_the_contiguous_result(tiny):
+    """A numpy HWC array permuted to NCHW is channels-last in memory (the retina set's images are); every
+    method sees a contiguous tensor (torch 2.13's CPU convolution backward segfaulted in NSA on such input)."""
+    train, test = tiny
+    last = train.contiguous(memory_format=torch.channels_last)
+    assert not last.is_contiguous()
+    det = az.create("nsa", preset="quick", epochs=1, seed=0)
+    assert det._prepare(last, "images").is_contiguous()
+    a = det.fit(last).predict(test).scores
+    b = az.create("nsa", preset="quick", epochs=1, seed=0).fit(train).predict(test).scores
+    assert torch.allclose(a, b, atol=1e-5)
