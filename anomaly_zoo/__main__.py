@@ -61,6 +61,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="local: in this process, one row after the other; ray: one Ray task per row")
     b.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local one)")
     b.add_argument("--out", default=None, help="CSV to append rows to; rows already there are skipped (resume)")
+
+    c = sub.add_parser("cost", help="fit and predict time and peak memory of some models, quick or full preset")
+    c.add_argument("--models", required=True, help="comma-separated registry names")
+    c.add_argument("--dataset", default="textures")
+    c.add_argument("--category", default="brick")
+    cmode = c.add_mutually_exclusive_group()
+    cmode.add_argument("--quick", dest="quick", action="store_true", default=True, help="quick preset (default)")
+    cmode.add_argument("--full", dest="quick", action="store_false",
+                       help="paper preset, full-size data; fit timed at --epochs and extrapolated")
+    c.add_argument("--epochs", default="1,2", help="the two epoch counts a full-preset fit is timed at")
+    c.add_argument("--threads", type=int, default=2, help="torch threads of each run (default 2)")
+    c.add_argument("--predict-images", type=int, default=16, help="test images a full-preset prediction is timed on")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--root", default=None)
+    c.add_argument("--out", default=None, help="CSV to append rows to")
     return p
 
 
@@ -97,6 +112,16 @@ def _run(args) -> int:
         return 0
     from . import bench, sweep
 
+    if args.cmd == "cost":
+        from . import cost
+
+        epochs = [int(e) for e in args.epochs.split(",")]
+        df = cost.run([m.strip() for m in args.models.split(",")], args.dataset, args.category,
+                      quick=args.quick, epochs=epochs, threads=args.threads, seed=args.seed, root=args.root,
+                      predict_images=args.predict_images, out=args.out)
+        print(bench.to_markdown(df[["model", "preset", "image_size", "threads", "epochs", "fit_s", "fit",
+                                    "predict_ips", "cpu_s", "peak_rss_mb"]]))
+        return 0
     t0 = time.perf_counter()
     if args.datasets:
         datasets = args.datasets

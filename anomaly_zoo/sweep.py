@@ -174,11 +174,11 @@ def done_keys(out) -> set[tuple]:
     return {(r.model, r.dataset, str(r.category), int(r.seed), r.mode) for r in df.itertuples(index=False)}
 
 
-def _append(out, row: dict) -> None:
+def _append(out, row: dict, columns=COLUMNS) -> None:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
-    pd.DataFrame([row], columns=COLUMNS).to_csv(path, mode="a", header=new, index=False)
+    pd.DataFrame([row], columns=columns).to_csv(path, mode="a", header=new, index=False)
 
 
 def sweep(jobs: list[Job], out=None, *, engine: str = "local", address: str | None = None,
@@ -205,21 +205,30 @@ def sweep(jobs: list[Job], out=None, *, engine: str = "local", address: str | No
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _local(jobs):
-    """One job after the other, each in a fresh child process: its peak memory is its own (a process's
-    peak only grows, so rows run in one process would inherit the largest before them), and a job that
-    dies (killed for memory, a crash in native code) becomes an error row instead of ending the sweep."""
+def in_child(fn, *args):
+    """``fn(*args)`` in a fresh child process: its peak memory is its own (a process's peak only grows,
+    so work run in one process would inherit the largest before it). A child that dies (killed for
+    memory, a crash in native code) raises :class:`AnomalyZooError`."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            raise AnomalyZooError("the process running it died (out of memory?)") from None
+
+
+def _local(jobs):
+    """One job after the other, each in a fresh child process (:func:`in_child`); a job whose process
+    dies becomes an error row instead of ending the sweep."""
     for job in jobs:
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            try:
-                yield pool.submit(run_job, job).result()
-            except BrokenProcessPool:
-                yield _error_row(job, "the process running it died (out of memory?)")
+        try:
+            yield in_child(run_job, job)
+        except AnomalyZooError as err:
+            yield _error_row(job, str(err))
 
 
 def _ray(jobs, address):
@@ -289,6 +298,7 @@ def summarize(df: pd.DataFrame, metrics=("image_auroc", "pixel_auroc", "aupro"))
     out.columns = [f"{m}_{stat}" for stat, m in out.columns]
     out["seeds"] = g.size()
     out["fit_s"] = g["fit_s"].mean()
+    out["cpu_s"] = g["cpu_s"].mean()
     out["peak_rss_mb"] = g["peak_rss_mb"].mean()
     failed = df[df["error"] != ""].groupby(keys).size()
     out["failed"] = failed.reindex(out.index).fillna(0).astype(int)

@@ -128,8 +128,17 @@ def test_ray_engine_gives_the_local_rows(local_rows, tmp_path, monkeypatch):
 def _rows(values):
     """Result rows ``(model, family, category, seed, image_auroc, error)`` as a sweep file would hold them."""
     return pd.DataFrame([dict(model=m, family=f, dataset="textures", category=c, seed=s, image_auroc=v,
-                              pixel_auroc=None, aupro=None, fit_s=1.0, peak_rss_mb=1.0, error=e)
+                              pixel_auroc=None, aupro=None, fit_s=1.0 + s, cpu_s=2.0 * (1 + s), peak_rss_mb=1.0,
+                              error=e)
                          for m, f, c, s, v, e in values])
+
+
+def test_summarize_averages_the_successful_seeds_and_counts_the_failed():
+    df = _rows([("a", "x", "brick", 0, 0.8, ""), ("a", "x", "brick", 1, 0.9, ""), ("a", "x", "brick", 2, 0.1, "oom")])
+    s = sweep.summarize(df).iloc[0]
+    assert (s.model, s.seeds, s.failed) == ("a", 2, 1)
+    assert s.image_auroc_mean == pytest.approx(0.85) and s.image_auroc_std == pytest.approx(0.0707107)
+    assert s.fit_s == pytest.approx(1.5) and s.cpu_s == pytest.approx(3.0)  # the failed row's cost left out
 
 
 def test_board_gives_mean_std_and_seed_count_per_model_and_data_set():
