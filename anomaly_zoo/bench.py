@@ -31,19 +31,24 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def fit_on(det, ds):
+    """Fit ``det`` on what it learns from: the normal training images, or for a weakly supervised method
+    (DeScarGAN) the weakly labelled split of healthy and diseased images (no masks)."""
+    if det.supervision != "weak":
+        return det.fit(ds.train_images)
+    if getattr(ds, "weak_images", None) is None:
+        raise AnomalyZooError(f"{det.name} is weakly supervised and {ds.name} has no weakly labelled split "
+                              "(weak_images, weak_labels): use a set with lesions (phantom, retina)")
+    return det.fit(ds.weak_images, labels=ds.weak_labels)
+
+
 def run_one(name: str, ds, *, quick: bool = True, device: str = "auto", seed: int = 0, **kwargs) -> dict:
     """Fit ``name`` on ``ds.train_images``, predict ``ds.test_images``; metrics and timings as a dict."""
     dev = resolve_device(device)
     set_seed(seed)
     det = create(name, preset="quick" if quick else "default", device=str(dev), seed=seed, **kwargs)
     t0 = time.perf_counter()
-    if det.supervision == "weak":  # DeScarGAN: healthy and diseased images with image labels, no masks
-        if getattr(ds, "weak_images", None) is None:
-            raise AnomalyZooError(f"{name} is weakly supervised and {ds.name} has no weakly labelled split "
-                                  "(weak_images, weak_labels): use a set with lesions (phantom, retina)")
-        det.fit(ds.weak_images, labels=ds.weak_labels)
-    else:
-        det.fit(ds.train_images)
+    fit_on(det, ds)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     pred = det.predict(ds.test_images)

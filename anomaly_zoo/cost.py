@@ -47,10 +47,7 @@ def _timed_run(model: str, dataset: str, category: str, quick: bool, epochs: int
     over = {} if epochs is None else {"epochs": epochs}
     det = create(model, preset="quick" if quick else "default", device="cpu", seed=seed, **over)
     t0 = time.perf_counter()
-    if det.supervision == "weak":
-        det.fit(ds.weak_images, labels=ds.weak_labels)
-    else:
-        det.fit(ds.train_images)
+    bench.fit_on(det, ds)
     fit_s = time.perf_counter() - t0
     test = ds.test_images[:predict_images]
     t0 = time.perf_counter()

@@ -54,6 +54,8 @@ def test_bad_settings_raise_one_clear_error():
         cost.measure("padim", threads=0)
     with pytest.raises(AnomalyZooError, match="unknown model"):
         cost.measure("nope")
+    with pytest.raises(AnomalyZooError, match="descargan is weakly supervised and textures has no weakly"):
+        cost.measure("descargan", "textures", "brick", threads=1)  # the child's error, as the sweep's
 
 
 def test_cli_writes_one_row_per_model(tmp_path, capsys):
