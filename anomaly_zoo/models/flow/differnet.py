@@ -86,7 +86,8 @@ class DifferNet(FeatureDetector):
 
     default_strides = (32,)
     needs_grad = True
-    predict_batch_size = 2  # each image becomes n_transforms_test views, each kept for the backward pass
+    predict_batch_size = 2  # each image becomes n_transforms_test views, kept for the backward pass ...
+    views_per_pass = 8  # ... 8 rotations of each at a time (_score)
     coupling_blocks = Param(8, int, low=1, high=64, help="permutation + coupling blocks (official: 8)")
     fc_internal = Param(2048, int, low=1, help="hidden units of each subnet layer (paper: 2048)")
     clamp = Param(3.0, float, low=0, low_open=True, high=20, help="soft clamp a of eq. 2 (clamp_alpha = 3)")
@@ -129,18 +130,25 @@ class DifferNet(FeatureDetector):
         with one_thread_on_cpu(self.device_):
             self._train(step, x, module=self.flow_, betas=(0.8, 0.8))
 
-    def score_of(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. (4): the mean over T evenly spaced rotations of mean(z^2), [B]."""
-        t = self.n_transforms_test
-        views = x.repeat_interleave(t, 0)
-        angles = (torch.arange(t, device=x.device, dtype=x.dtype) * 360 / t).repeat(len(x))
-        z, _ = self.flow_(self.features(rotate(views, angles)))
-        return z.pow(2).mean(1).view(len(x), t).mean(1)
+    def view_scores(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """mean(z^2) of each image of ``x`` rotated by each of ``angles``, [B, len(angles)]."""
+        views = x.repeat_interleave(len(angles), 0)
+        z, _ = self.flow_(self.features(rotate(views, angles.repeat(len(x)))))
+        return z.pow(2).mean(1).view(len(x), len(angles))
 
     def _score(self, x: torch.Tensor):
-        x = x.detach().clone().requires_grad_(True)
+        """Eq. (4): tau(x), the mean over T evenly spaced rotations of mean(z^2), and item 5's map |d tau / d x|.
+        The rotations go through the network ``views_per_pass`` at a time, each pass's gradient added up (tau is
+        a sum over them): the full preset's 64 rotations of a 448 px image, all kept for one backward pass, need
+        more than 24 GB."""
+        t = self.n_transforms_test
+        angles = torch.arange(t, device=x.device, dtype=x.dtype) * 360 / t
+        scores, grad = x.new_zeros(len(x)), torch.zeros_like(x)
         with one_thread_on_cpu(x.device):
-            scores = self.score_of(x)
-            (grad,) = torch.autograd.grad(scores.sum(), x)  # item 5: each image's score depends on it alone
+            for part in angles.split(self.views_per_pass):
+                xi = x.detach().clone().requires_grad_(True)
+                s = self.view_scores(xi, part).sum(1) / t
+                (g,) = torch.autograd.grad(s.sum(), xi)  # each image's score depends on it alone
+                scores, grad = scores + s.detach(), grad + g
         maps = gaussian_blur(grad.abs().mean(1), self.sigma)
         return scores.detach(), maps.detach()
