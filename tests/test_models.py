@@ -74,10 +74,10 @@ QUALITY = {
     # 0.911 against 0.978). Its quick preset (student lr, epochs, crop, teacher lr) is the one a proxy validation on
     # synthetic anomalies in held-out training images picks (anomaly_zoo.validation); grass/gravel: chapter 10.
     "uninformed_students": (dict(name="textures", category="brick"), {"image_auroc": 0.78, "aupro": 0.80}),
-    # efficientad (6000-step shipped teacher, 600 x 4, lr 1e-3), phantom: image .766 / .734 / .792, pixel .878 /
-    # .899 / .913, AUPRO .543 / .586 / .695 (mean image: image .476 / .377 / .441, pixel .890 / .894 / .878); brick
-    # image .594 / .573 / .669, pixel .707 / .602 / .709 (issue target .90 missed; below a random teacher on brick)
-    "efficientad": (dict(name="phantom"), {"image_auroc": 0.65, "pixel_auroc": 0.80}),
+    # efficientad (6000-step shipped teacher; 128 px, 300 x 2, lr 1e-3): brick image .779 / .679 / .639, pixel .972 /
+    # .948 / .878, AUPRO .812 / .676 / .608 (issue target .90 missed; at 64 px x 600 x 4 image .594 / .573 / .669,
+    # pixel .707 / .602 / .709); phantom image .689 / .559, pixel .817 / .803 (64 px: .766 / .734, .878 / .899)
+    "efficientad": (dict(name="textures", category="brick"), {"image_auroc": 0.60, "pixel_auroc": 0.85}),
     # --- self-supervised (quick presets, one thread; data seeds 0 / 1 / 2; mean image: image .654 / .556 / .701,
     # pixel .764 / .732 / .750). DRAEM's quick epochs, lr and batch are the proxy validation's choice
     # (anomaly_zoo.validation: synthetic anomalies in held-out training images, no test labels).
@@ -258,8 +258,6 @@ BASELINE_MARGIN.update({name: ("image_auroc", 0.02) for name in BASELINE_DATA})
 # Patch SVDD's untrained encoder already localises well on brick (pixel AUROC 0.974-0.976): its training shows
 # at the image level
 BASELINE_MARGIN["patch_svdd"] = ("image_auroc", 0.05)
-# EfficientAD on the phantom: its maps do not beat the mean image's there (.889 against .890), its image score does
-BASELINE_MARGIN["efficientad"] = ("image_auroc", 0.02)
 # IGD on digits class 4: training must show clearly (untrained .724 at seed 0, trained .986)
 BASELINE_MARGIN["igd"] = ("image_auroc", 0.10)
 # CCD on digits class 1 (no masks): the image level, against the mean image (.952 against .887 at seed 0)
