@@ -40,16 +40,13 @@ forward pass costs a few milliseconds on a GPU. Two detectors run side by side:
 Quick preset: ``pdn_width=0.25``, the shipped teacher (6000 steps leave 0.40 of the target's variance on fresh
 crops, 1000 steps 0.53), 128 px, 300 student steps of 2 images at lr 1e-3 (the paper: 70,000 at 1e-4), chosen by
 proxy validation (:mod:`anomaly_zoo.validation`; brick + phantom training images, data seed 0, proxy seeds 0, 1;
-mean image AUROC / pixel AUROC / AUPRO, first at 64 px: 300x4 .55/.70/.22, 600x4 .65/.79/.32, 1200x2 .64/.80/.34 but 71 s,
-600x4 at lr 1e-3 .65/.85/.42; with the 6000-step teacher .73/.90/.41, so it ships). Then at 128 px, the quick
-sets' own size (a PDN cell sees 33 of 128 pixels, the grid is 24 x 24 instead of 8 x 8), 300 steps of 2 images for
-the same CPU time: .82/.88/.48 (brick .857/.804, phantom .875/.732 image AUROC), so the quick preset is 128 px,
-300 x 2 (about 85 s on one thread).
-Test (data seeds 0 / 1 / 2): brick image AUROC .594 / .573 / .669, pixel .707 / .602 / .709 (1000-step teacher:
-image .607 / .617 / .715): the issue's 0.90 missed, below a random teacher (.71 / .66 / .75 at lr 1e-4); at 64 px
-one PDN cell sees 33 of 64 pixels, and the photographs' features describe brick's mortar grid no better than
-random ones. Phantom image .766 / .734 / .792, pixel .878 / .899 / .913 (.37 / .38 before the padding fix; the
-mean image's pixel AUROC is .89). The millisecond latency is a GPU's; 60,000 + 70,000 steps need a GPU.
+mean image / pixel AUROC / AUPRO at 64 px: 300x4 .55/.70/.22, 600x4 .65/.79/.32, 1200x2 .64/.80/.34 but 71 s, 600x4
+at lr 1e-3 .65/.85/.42, with the 6000-step teacher .73/.90/.41; at 128 px, the quick sets' size (grid 24 x 24, not
+8 x 8), 300x2 for the same CPU time: .82/.88/.48), about 85 s on one thread. Test (data seeds 0 / 1 / 2): brick
+image AUROC .779 / .679 / .639 (the issue's 0.90 missed), pixel .972 / .948 / .878, AUPRO .812 / .676 / .608 (at
+64 px: image .594 / .573 / .669, pixel .707 / .602 / .709, below a random teacher); phantom image .689 / .559 / .792,
+pixel .817 / .803 / .808 (at 64 px .766 / .734 / .792, .878 / .899 / .913: the test sets disagree with the proxy
+there). The millisecond latency is a GPU's; 60,000 + 70,000 steps need a GPU.
 """
 from __future__ import annotations
 
