@@ -42,8 +42,8 @@ crops, 1000 steps 0.53), 128 px, 300 student steps of 2 images at lr 1e-3 (the p
 proxy validation (:mod:`anomaly_zoo.validation`; brick + phantom training images, data seed 0, proxy seeds 0, 1;
 mean image / pixel AUROC / AUPRO at 64 px: 300x4 .55/.70/.22, 600x4 .65/.79/.32, 1200x2 .64/.80/.34 but 71 s, 600x4
 at lr 1e-3 .65/.85/.42, with the 6000-step teacher .73/.90/.41; at 128 px, the quick sets' size (grid 24 x 24, not
-8 x 8), 300x2 for the same CPU time: .82/.88/.48), about 85 s on one thread. Test (data seeds 0 / 1 / 2): brick
-image AUROC .779 / .679 / .639 (the issue's 0.90 missed), pixel .972 / .948 / .878, AUPRO .812 / .676 / .608 (at
+8 x 8), 300x2: .82/.88/.48), 85 s on one thread (64 px x 600 x 4: 60 s). Test (data seeds 0 / 1 / 2): brick image
+AUROC .779 / .679 / .639 (the issue's 0.90 missed), pixel .972 / .948 / .878, AUPRO .812 / .676 / .608 (at
 64 px: image .594 / .573 / .669, pixel .707 / .602 / .709, below a random teacher); phantom image .689 / .559 / .792,
 pixel .817 / .803 / .808 (at 64 px .766 / .734 / .792, .878 / .899 / .913: the test sets disagree with the proxy
 there). The millisecond latency is a GPU's; 60,000 + 70,000 steps need a GPU.
