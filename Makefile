@@ -33,7 +33,7 @@ book-full: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m anomaly_zoo bench --dataset textures --category brick --models padim,ae --quick
 
-# the book's leaderboard: every model x textures/phantom/digits/retina x 3 seeds, quick presets, resumable
+# the book's leaderboard: every model x textures/phantom/digits/retina x 3 seeds (sweep.LEADERBOARD_*), quick, resumable
 # (ENGINE=ray spreads the rows over a Ray cluster: RAY_ADDRESS=... make leaderboard ENGINE=ray)
 ENGINE ?= local
 leaderboard: $(STAMP)

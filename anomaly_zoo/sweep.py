@@ -270,6 +270,9 @@ def _wants_gpu(job: Job) -> bool:
     return torch.cuda.is_available()
 
 
+#: the grid of ``make leaderboard`` (every registered model on each, quick presets); tests/test_results.py checks
+#: that the committed file covers it
+LEADERBOARD_DATASETS, LEADERBOARD_SEEDS = "textures,phantom,digits,retina", (0, 1, 2)
 #: the committed quick-mode leaderboard that the book reads (``make leaderboard`` writes it)
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "quick.csv"
 
