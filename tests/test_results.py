@@ -3,6 +3,7 @@ in it, every row has its provenance, and one row re-run here gives the committed
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -37,19 +38,23 @@ def test_rows_are_unique_and_carry_their_provenance():
     assert masked.pixel_auroc.notna().all()
 
 
-
 def test_the_leaderboard_covers_its_whole_grid():
     """Every (model, dataset, category, seed) of `make leaderboard` has a row, and the only failed rows are the
     weakly supervised DeScarGAN on sets without a weakly labelled split (its clear error, recorded)."""
-    grid = sweep.jobs_as_frame(sweep.plan("all", sweep.LEADERBOARD_DATASETS, sweep.LEADERBOARD_SEEDS))
+    make = (Path(sweep.__file__).resolve().parent.parent / "Makefile").read_text()
+    seeds = ",".join(map(str, sweep.LEADERBOARD_SEEDS))
+    assert f"--datasets {sweep.LEADERBOARD_DATASETS} --seeds {seeds} --quick" in make, \
+        "the leaderboard target of the Makefile and sweep.LEADERBOARD_* name different grids"
+    grid = sweep.plan("all", sweep.LEADERBOARD_DATASETS, sweep.LEADERBOARD_SEEDS)
     have = set(map(tuple, RESULTS[sweep.KEY].astype({"seed": int}).values.tolist()))
-    missing = [j for j in grid.itertuples() if (j.model, j.dataset, j.category, j.seed, "quick") not in have]
+    missing = [j for j in grid if j.key not in have]
     assert not missing, (f"{len(missing)} of {len(grid)} leaderboard rows missing from {sweep.RESULTS}, e.g. "
                          f"{missing[0].model} on {missing[0].dataset}:{missing[0].category} seed {missing[0].seed}; "
                          "`make leaderboard` adds them")
     failed = RESULTS[RESULTS.error != ""]
     assert set(failed.model) <= {"descargan"} and set(failed.dataset) <= {"textures", "digits"}, failed.error.unique()
     assert failed.error.str.contains("no weakly labelled split").all()
+
 
 @pytest.mark.parametrize("model", ["padim"])
 def test_a_committed_row_reproduces(model):
